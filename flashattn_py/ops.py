@@ -1,0 +1,242 @@
+"""Kernel launchers, backend dispatch and the autograd function.
+
+Inputs reaching this module are already validated by the public functions
+(``flashattn_py.attention``): 4-D ``(B, H, S, D)``, same dtype and device,
+last-dim stride 1. Nothing here checks again.
+
+Backend choice, per call:
+  * CUDA tensors                                -> Triton kernels
+  * CPU tensors, kernels built with TRITON_INTERPRET=1 -> the same kernels, interpreted
+  * anything else (or Triton missing)           -> ``_torch_backend`` (same semantics)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections import Counter
+from types import ModuleType
+from typing import Callable
+
+import torch
+
+from . import _config, _torch_backend
+
+try:  # Triton is a Linux-only dependency; elsewhere only the torch backend exists
+    import triton
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    OutOfResources = RuntimeError
+
+# How many times each Triton kernel was launched in this process: tests read it to
+# prove the kernels (not the torch backend) produced a result.
+launch_counts: Counter[str] = Counter()
+
+_LOG2E = math.log2(math.e)
+_kernels: ModuleType | None = None
+_chosen_config: dict[tuple, _config.KernelConfig] = {}
+
+
+def _get_kernels() -> ModuleType | None:
+    """Import the kernels on first use, so TRITON_INTERPRET set after `import flashattn_py` still counts."""
+    global _kernels
+    if _kernels is None and triton is not None:
+        from . import kernels
+
+        _kernels = kernels
+    return _kernels
+
+
+def interpreter_active() -> bool:
+    """True when the kernels were (or will be) built for Triton's CPU interpreter."""
+    kernels = _get_kernels()
+    if kernels is None:
+        return False
+    return type(kernels._attn_fwd).__name__ == "InterpretedFunction"
+
+
+def uses_triton(t: torch.Tensor) -> bool:
+    """Whether attention on tensors like `t` runs the Triton kernels."""
+    if triton is None or t.dtype == torch.float64:  # float64 is the torch backend's alone
+        return False
+    if t.is_cuda:
+        return not interpreter_active()
+    if t.device.type == "cpu":
+        return interpreter_active()
+    return False
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs multiply in IEEE fp32 unless the user allowed TF32 for matmuls."""
+    if dtype != torch.float32:
+        return "tf32"  # ignored by tl.dot for 16-bit inputs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if allow_tf32 else "ieee"
+
+
+def _capability(t: torch.Tensor) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(t.device) if t.is_cuda else (0, 0)
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _launch(name: str, kernel, args: tuple, grid: Callable[[_config.KernelConfig], tuple],
+            constexprs: Callable[[_config.KernelConfig], dict], configs: list[_config.KernelConfig],
+            cache_key: tuple) -> None:
+    """Launch `kernel` with the first of `configs` that fits this GPU, and remember that config.
+
+    `constexprs(cfg)` gives the kernel's compile-time arguments for a config
+    (block sizes and the EVEN_* flags that depend on them).
+    """
+    key = (name, *cache_key)
+    candidates = [_chosen_config[key]] if key in _chosen_config else configs
+    last_error: Exception | None = None
+    for cfg in candidates:
+        try:
+            kernel[grid(cfg)](*args, **constexprs(cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        except OutOfResources as err:  # too much shared memory / registers: try a smaller tile
+            last_error = err
+            continue
+        _chosen_config[key] = cfg
+        launch_counts[name] += 1
+        return
+    raise RuntimeError(f"flashattn_py: no launch configuration of {name} fits this GPU") from last_error
+
+
+def _configs(kind: str, q: torch.Tensor, block_d: int) -> list[_config.KernelConfig]:
+    if not q.is_cuda:
+        return [{"fwd": _config.INTERPRETER_FWD, "dkdv": _config.INTERPRETER_DKDV,
+                 "dq": _config.INTERPRETER_DQ}[kind]]
+    table = {"fwd": _config.fwd_configs, "dkdv": _config.dkdv_configs, "dq": _config.dq_configs}[kind]
+    return table(block_d, q.element_size(), _capability(q))
+
+
+def _bhs_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+               causal: bool, causal_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """O (like q) and LSE ((B, H, Sq) float32, natural log) from the forward kernel."""
+    kernels = _get_kernels()
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    o = torch.empty_like(q)
+    lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
+    block_d = _block_d(D)
+
+    def constexprs(cfg):
+        return dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
+                    EVEN_M=Sq % cfg.block_m == 0, EVEN_D=block_d == D, DOT_PRECISION=_dot_precision(q.dtype))
+
+    with _device_of(q):
+        _launch("attn_fwd", kernels._attn_fwd,
+                (q, k, v, o, lse, *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(o),
+                 H, Sq, Sk, causal_offset, scale * _LOG2E),
+                lambda cfg: (triton.cdiv(Sq, cfg.block_m), B * H), constexprs,
+                _configs("fwd", q, block_d), (block_d, q.dtype, _capability(q)))
+    return o, lse
+
+
+def triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+               lse: torch.Tensor, dlse: torch.Tensor | None, scale: float, causal: bool,
+               causal_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dQ, dK, dV (like q, k, v) from the preprocess, dK/dV and dQ kernels."""
+    kernels = _get_kernels()
+    B, H, Sq, D = q.shape
+    Sk = k.shape[2]
+    block_d = _block_d(D)
+    even_d = block_d == D
+    precision = _dot_precision(q.dtype)
+    cache_key = (block_d, q.dtype, _capability(q))
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)
+    if dlse is not None:
+        dlse = dlse.contiguous()
+    qk_scale = scale * _LOG2E
+    pre_block = _config.PREPROCESS_BLOCK_M if q.is_cuda else _config.INTERPRETER_PREPROCESS_BLOCK_M
+
+    with _device_of(q):
+        _launch("attn_bwd_preprocess", kernels._attn_bwd_preprocess,
+                (o, do, dlse if dlse is not None else delta, delta, *_bhs_strides(o), *_bhs_strides(do), H, Sq),
+                lambda cfg: (triton.cdiv(Sq, pre_block), B * H),
+                lambda cfg: dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_block, HAS_DLSE=dlse is not None,
+                                 EVEN_M=Sq % pre_block == 0, EVEN_D=even_d),
+                [_config.KernelConfig(pre_block, pre_block, 4, 1)], cache_key)
+        _launch("attn_bwd_dkdv", kernels._attn_bwd_dkdv,
+                (q, k, v, do, lse, delta, dk, dv, *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v),
+                 *_bhs_strides(do), *_bhs_strides(dk), *_bhs_strides(dv), H, Sq, Sk, causal_offset, qk_scale, scale),
+                lambda cfg: (triton.cdiv(Sk, cfg.block_n), B * H),
+                lambda cfg: dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                 CAUSAL=causal, EVEN_M=Sq % cfg.block_m == 0, EVEN_N=Sk % cfg.block_n == 0,
+                                 EVEN_D=even_d, DOT_PRECISION=precision),
+                _configs("dkdv", q, block_d), cache_key)
+        _launch("attn_bwd_dq", kernels._attn_bwd_dq,
+                (q, k, v, do, lse, delta, dq, *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v),
+                 *_bhs_strides(do), *_bhs_strides(dq), H, Sq, Sk, causal_offset, qk_scale, scale),
+                lambda cfg: (triton.cdiv(Sq, cfg.block_m), B * H),
+                lambda cfg: dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                 CAUSAL=causal, EVEN_M=Sq % cfg.block_m == 0, EVEN_D=even_d,
+                                 DOT_PRECISION=precision),
+                _configs("dq", q, block_d), cache_key)
+    return dq, dk, dv
+
+
+def _device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+             causal: bool, causal_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward on the backend `q` selects. Handles empty problems without launching anything."""
+    B, H, Sq, _ = q.shape
+    Sk = k.shape[2]
+    if B * H * Sq == 0 or Sk == 0:  # nothing to compute; rows with no key give 0 and -inf
+        return (torch.zeros_like(q),
+                torch.full((B, H, Sq), float("-inf"), device=q.device, dtype=torch.float32))
+    if uses_triton(q):
+        return triton_fwd(q, k, v, scale, causal, causal_offset)
+    return _torch_backend.attn_fwd(q, k, v, scale, causal, causal_offset)
+
+
+def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+             lse: torch.Tensor, dlse: torch.Tensor | None, scale: float, causal: bool,
+             causal_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Backward on the backend `q` selects."""
+    B, H, Sq, _ = q.shape
+    Sk = k.shape[2]
+    if B * H * Sq == 0 or Sk == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if do.stride(-1) != 1:  # e.g. the expanded gradient of out.sum()
+        do = do.contiguous()
+    if uses_triton(q):
+        return triton_bwd(do, q, k, v, o, lse, dlse, scale, causal, causal_offset)
+    return _torch_backend.attn_bwd(do, q, k, v, o, lse, dlse, scale, causal, causal_offset)
+
+
+class FlashAttnFunction(torch.autograd.Function):
+    """Exact attention with O(S) saved state: only O and the LSE are kept for backward."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
+                causal_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        o, lse = attn_fwd(q, k, v, scale, causal, causal_offset)
+        ctx.set_materialize_grads(False)  # an unused output (usually the LSE) then brings None, not zeros
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.scale, ctx.causal, ctx.causal_offset = scale, causal, causal_offset
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do: torch.Tensor, dlse: torch.Tensor | None):
+        q, k, v, o, lse = ctx.saved_tensors
+        if do is None:  # only the LSE was used downstream
+            do = torch.zeros_like(o)
+        dq, dk, dv = attn_bwd(do, q, k, v, o, lse, dlse, ctx.scale, ctx.causal, ctx.causal_offset)
+        return dq, dk, dv, None, None, None

@@ -1,0 +1,252 @@
+"""Attention backward: preprocess, dK/dV pass, dQ pass. No atomics, so bitwise deterministic.
+
+With P = softmax(S), S = scale * Q Kᵀ, and the forward's row log-sum-exp L:
+    P    = exp(S - L)              (recomputed per tile, never stored)
+    dV   = Pᵀ dO
+    dP   = dO Vᵀ
+    dS   = P ∘ (dP - Δ),  Δ = rowsum(O ∘ dO) - dL
+    dQ   = scale · dS K,  dK = scale · dSᵀ Q
+dL is the gradient flowing into the returned LSE (zero when LSE is not used):
+∂L_i/∂S_ij = P_ij, so it folds into Δ for free.
+
+The dK/dV pass gives each program a block of keys and streams query blocks
+past it; the dQ pass gives each program a block of queries and streams key
+blocks. Each output tile is written by exactly one program.
+"""
+
+import triton
+import triton.language as tl
+
+from .tiles import LOG2E, _key_range, _load_row_stat, _load_rows, _query_range, _store_rows
+
+
+@triton.jit
+def _attn_bwd_preprocess(
+    O, DO, DLSE, DELTA,
+    stride_ob, stride_oh, stride_om,
+    stride_dob, stride_doh, stride_dom,
+    num_heads, seqlen_q,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_DLSE: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    """DELTA[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d] - dLSE[b, h, i] (float32, contiguous)."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b64 = tl.cast(pid_bh // num_heads, tl.int64)
+    h64 = tl.cast(pid_bh % num_heads, tl.int64)
+    start_m = pid_m * BLOCK_M
+    m64 = tl.cast(start_m, tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = start_m + offs_m
+
+    o = _load_rows(O + b64 * stride_ob + h64 * stride_oh + m64 * stride_om
+                   + offs_m[:, None] * stride_om + offs_d[None, :],
+                   rows, seqlen_q, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
+    do = _load_rows(DO + b64 * stride_dob + h64 * stride_doh + m64 * stride_dom
+                    + offs_m[:, None] * stride_dom + offs_d[None, :],
+                    rows, seqlen_q, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    row_offs = tl.cast(pid_bh, tl.int64) * seqlen_q + rows
+    if HAS_DLSE:
+        delta -= _load_row_stat(DLSE + row_offs, rows, seqlen_q, 0.0, EVEN_M)
+    if EVEN_M:
+        tl.store(DELTA + row_offs, delta)
+    else:
+        tl.store(DELTA + row_offs, delta, mask=rows < seqlen_q)
+
+
+@triton.jit
+def _lse_log2(lse):
+    """Natural LSE -> base 2. A row that saw no key has LSE = -inf; +inf makes its P exactly 0."""
+    return tl.where(lse == float("-inf"), float("inf"), lse * LOG2E)
+
+
+@triton.jit
+def _attn_bwd_dkdv_inner(
+    dk, dv, k, v,
+    q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+    cols, offs_m, offs_d,
+    lo, hi, seqlen_q, causal_offset, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    for start_m in range(lo, hi, BLOCK_M):
+        rows = start_m + offs_m
+        m64 = tl.cast(start_m, tl.int64)
+        q = _load_rows(q_base + m64 * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :],
+                       rows, seqlen_q, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
+        do = _load_rows(do_base + m64 * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :],
+                        rows, seqlen_q, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
+        # rows past seqlen_q read lse = -inf -> +inf below -> P = 0: they add nothing
+        lse2 = _lse_log2(_load_row_stat(lse_base + rows, rows, seqlen_q, float("-inf"), EVEN_M))
+        delta = _load_row_stat(delta_base + rows, rows, seqlen_q, 0.0, EVEN_M)
+        # transposed tiles [BLOCK_N, BLOCK_M]: keys are this program's rows
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:  # mask before exp2 so hidden scores give exactly 0 (never an overflowing exp2)
+            qk_t = tl.where(cols[:, None] <= rows[None, :] + causal_offset, qk_t, float("-inf"))
+        p_t = tl.exp2(qk_t - lse2[None, :])
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    num_heads, seqlen_q, seqlen_k, causal_offset, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dK, dV for BLOCK_N keys of one (batch, head), streaming the query blocks that see them."""
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b64 = tl.cast(pid_bh // num_heads, tl.int64)
+    h64 = tl.cast(pid_bh % num_heads, tl.int64)
+    start_n = pid_n * BLOCK_N
+    n64 = tl.cast(start_n, tl.int64)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    cols = start_n + offs_n
+
+    # keys past seqlen_k load as 0; their dK/dV rows are computed but never stored
+    k = _load_rows(K + b64 * stride_kb + h64 * stride_kh + n64 * stride_kn
+                   + offs_n[:, None] * stride_kn + offs_d[None, :],
+                   cols, seqlen_k, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
+    v = _load_rows(V + b64 * stride_vb + h64 * stride_vh + n64 * stride_vn
+                   + offs_n[:, None] * stride_vn + offs_d[None, :],
+                   cols, seqlen_k, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    q_base = Q + b64 * stride_qb + h64 * stride_qh
+    do_base = DO + b64 * stride_dob + h64 * stride_doh
+    lse_base = LSE + tl.cast(pid_bh, tl.int64) * seqlen_q
+    delta_base = DELTA + tl.cast(pid_bh, tl.int64) * seqlen_q
+
+    if CAUSAL:
+        lo, mid = _query_range(start_n, seqlen_q, causal_offset, BLOCK_M, BLOCK_N)
+        # query blocks straddling the diagonal: masked
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+            cols, offs_m, offs_d, lo, mid, seqlen_q, causal_offset, qk_scale,
+            HEAD_DIM, BLOCK_M, True, EVEN_M, EVEN_D, DOT_PRECISION,
+        )
+    else:
+        mid = 0
+    # query blocks that see all these keys: no mask
+    dk, dv = _attn_bwd_dkdv_inner(
+        dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+        cols, offs_m, offs_d, mid, seqlen_q, seqlen_q, causal_offset, qk_scale,
+        HEAD_DIM, BLOCK_M, False, EVEN_M, EVEN_D, DOT_PRECISION,
+    )
+
+    dk *= sm_scale
+    _store_rows(DK + b64 * stride_dkb + h64 * stride_dkh + n64 * stride_dkn
+                + offs_n[:, None] * stride_dkn + offs_d[None, :],
+                dk.to(DK.dtype.element_ty), cols, seqlen_k, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
+    _store_rows(DV + b64 * stride_dvb + h64 * stride_dvh + n64 * stride_dvn
+                + offs_n[:, None] * stride_dvn + offs_d[None, :],
+                dv.to(DV.dtype.element_ty), cols, seqlen_k, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
+
+
+@triton.jit
+def _attn_bwd_dq_inner(
+    dq, q, do, lse2, delta,
+    k_base, v_base, stride_kn, stride_vn,
+    rows, offs_n, offs_d,
+    lo, hi, seqlen_k, causal_offset, qk_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    for start_n in range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        n64 = tl.cast(start_n, tl.int64)
+        k = _load_rows(k_base + n64 * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :],
+                       cols, seqlen_k, offs_d, HEAD_DIM, not MASKED, EVEN_D)
+        v = _load_rows(v_base + n64 * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :],
+                       cols, seqlen_k, offs_d, HEAD_DIM, not MASKED, EVEN_D)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            # keys past seqlen_k must go too: their zero scores could overflow exp2, and 0 * inf = NaN
+            visible = cols[None, :] < seqlen_k
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
+            qk = tl.where(visible, qk, float("-inf"))
+        p = tl.exp2(qk - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_dqb, stride_dqh, stride_dqm,
+    num_heads, seqlen_q, seqlen_k, causal_offset, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """dQ for BLOCK_M queries of one (batch, head), streaming the key blocks they see."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b64 = tl.cast(pid_bh // num_heads, tl.int64)
+    h64 = tl.cast(pid_bh % num_heads, tl.int64)
+    start_m = pid_m * BLOCK_M
+    m64 = tl.cast(start_m, tl.int64)
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    rows = start_m + offs_m
+
+    q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh + m64 * stride_qm
+                   + offs_m[:, None] * stride_qm + offs_d[None, :],
+                   rows, seqlen_q, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
+    do = _load_rows(DO + b64 * stride_dob + h64 * stride_doh + m64 * stride_dom
+                    + offs_m[:, None] * stride_dom + offs_d[None, :],
+                    rows, seqlen_q, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
+    row_offs = tl.cast(pid_bh, tl.int64) * seqlen_q + rows
+    lse2 = _lse_log2(_load_row_stat(LSE + row_offs, rows, seqlen_q, float("-inf"), EVEN_M))
+    delta = _load_row_stat(DELTA + row_offs, rows, seqlen_q, 0.0, EVEN_M)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    k_base = K + b64 * stride_kb + h64 * stride_kh
+    v_base = V + b64 * stride_vb + h64 * stride_vh
+    full_end, hi = _key_range(start_m, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_n, offs_d,
+        0, full_end, seqlen_k, causal_offset, qk_scale,
+        HEAD_DIM, BLOCK_N, False, CAUSAL, EVEN_D, DOT_PRECISION,
+    )
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_n, offs_d,
+        full_end, hi, seqlen_k, causal_offset, qk_scale,
+        HEAD_DIM, BLOCK_N, True, CAUSAL, EVEN_D, DOT_PRECISION,
+    )
+
+    dq *= sm_scale
+    _store_rows(DQ + b64 * stride_dqb + h64 * stride_dqh + m64 * stride_dqm
+                + offs_m[:, None] * stride_dqm + offs_d[None, :],
+                dq.to(DQ.dtype.element_ty), rows, seqlen_q, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
