@@ -42,7 +42,8 @@ def fwd_configs(block_d: int, elem_bytes: int, capability: tuple[int, int]) -> l
     if block_d <= 128:
         first = KernelConfig(128, 64, 8, 3) if hopper else KernelConfig(128, 64, 4, 2)
         return [first, KernelConfig(64, 64, 4, 2), KernelConfig(32, 32, 4, 1)]
-    return [KernelConfig(64, 64, 8, 2), KernelConfig(64, 32, 4, 2), KernelConfig(32, 32, 4, 1), KernelConfig(16, 16, 4, 1)]
+    return [KernelConfig(64, 64, 8, 2), KernelConfig(64, 32, 4, 2), KernelConfig(32, 32, 4, 1),
+            KernelConfig(16, 16, 4, 1)]
 
 
 def dkdv_configs(block_d: int, elem_bytes: int, capability: tuple[int, int]) -> list[KernelConfig]:
@@ -54,7 +55,8 @@ def dkdv_configs(block_d: int, elem_bytes: int, capability: tuple[int, int]) -> 
         return [KernelConfig(32, 128, 4, 3), KernelConfig(32, 64, 4, 2), KernelConfig(16, 32, 4, 1)]
     if block_d <= 128:
         return [KernelConfig(32, 128, 8, 2), KernelConfig(32, 64, 4, 2), KernelConfig(16, 32, 4, 1)]
-    return [KernelConfig(32, 64, 8, 1), KernelConfig(16, 64, 4, 1), KernelConfig(16, 32, 4, 1), KernelConfig(16, 16, 4, 1)]
+    return [KernelConfig(32, 64, 8, 1), KernelConfig(16, 64, 4, 1), KernelConfig(16, 32, 4, 1),
+            KernelConfig(16, 16, 4, 1)]
 
 
 def dq_configs(block_d: int, elem_bytes: int, capability: tuple[int, int]) -> list[KernelConfig]:
@@ -66,4 +68,5 @@ def dq_configs(block_d: int, elem_bytes: int, capability: tuple[int, int]) -> li
         return [KernelConfig(128, 32, 4, 3), KernelConfig(64, 32, 4, 2), KernelConfig(32, 16, 4, 1)]
     if block_d <= 128:
         return [KernelConfig(128, 32, 8, 2), KernelConfig(64, 32, 4, 2), KernelConfig(32, 16, 4, 1)]
-    return [KernelConfig(64, 32, 8, 1), KernelConfig(64, 16, 4, 1), KernelConfig(32, 16, 4, 1), KernelConfig(16, 16, 4, 1)]
+    return [KernelConfig(64, 32, 8, 1), KernelConfig(64, 16, 4, 1), KernelConfig(32, 16, 4, 1),
+            KernelConfig(16, 16, 4, 1)]

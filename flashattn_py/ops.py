@@ -16,8 +16,8 @@ import contextlib
 import math
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from types import ModuleType
-from typing import Callable
 
 import torch
 
