@@ -13,8 +13,8 @@ MAX_HEAD_DIM = 256
 CausalArg = bool | str
 
 
-def check_qkv(q: object, k: object, v: object) -> None:
-    """q (B, H, Sq, D), k and v (B, H, Sk, D): same dtype and device, last dim contiguous."""
+def check_qkv(q: object, k: object, v: object, allow_gqa: bool = True) -> None:
+    """q (B, H, Sq, D), k and v (B, H_kv, Sk, D), H a multiple of H_kv: one dtype and device, last dim contiguous."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -26,10 +26,19 @@ def check_qkv(q: object, k: object, v: object) -> None:
         raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.shape[:2] != k.shape[:2] or q.shape[:2] != v.shape[:2]:
+    if q.shape[0] != k.shape[0] or q.shape[0] != v.shape[0]:
         raise ValueError(
-            f"q, k and v must have the same batch and heads (dims 0 and 1), got {tuple(q.shape)}, "
-            f"{tuple(k.shape)}, {tuple(v.shape)}")
+            f"q, k and v must have the same batch (dim 0), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[1] != v.shape[1]:
+        raise ValueError(f"k and v must have the same number of heads (dim 1), got {k.shape[1]} and {v.shape[1]}")
+    if not allow_gqa and q.shape[1] != k.shape[1]:
+        raise ValueError(
+            f"q, k and v must have the same number of heads (dim 1) unless enable_gqa=True, got {q.shape[1]}, "
+            f"{k.shape[1]}, {v.shape[1]}")
+    if (q.shape[1] % k.shape[1] != 0) if k.shape[1] else q.shape[1] != 0:
+        raise ValueError(
+            f"q's heads (dim 1) must be a multiple of k's and v's heads (grouped-query attention), got "
+            f"{q.shape[1]} and {k.shape[1]}")
     if k.shape[2] != v.shape[2]:
         raise ValueError(f"k and v must have the same sequence length (dim 2), got {k.shape[2]} and {v.shape[2]}")
     head_dim = q.shape[3]
@@ -70,3 +79,11 @@ def check_scale(scale: object, head_dim: int) -> float:
 def causal_offset(causal: bool | str, seqlen_q: int, seqlen_k: int) -> int:
     """Query i sees key j iff j <= i + offset: 0 for top-left, Sk - Sq for bottom-right."""
     return seqlen_k - seqlen_q if causal == "bottom_right" else 0
+
+
+def check_dropout(dropout_p: object) -> float:
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return float(dropout_p)

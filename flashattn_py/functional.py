@@ -1,13 +1,14 @@
-"""Public attention functions."""
+"""Public attention functions: `attention` (ours) and `scaled_dot_product_attention` (PyTorch's contract)."""
 
 from __future__ import annotations
 
+import math
 from typing import Literal, overload
 
 import torch
 
-from ._validation import causal_offset, check_causal, check_qkv, check_scale
-from .ops import FlashAttnFunction
+from ._validation import causal_offset, check_causal, check_dropout, check_qkv, check_scale
+from .ops import BIAS_BOOL, BIAS_FLOAT, BIAS_NONE, AttnSpec, FlashAttnFunction
 
 Causal = bool | Literal["top_left", "bottom_right"]
 
@@ -25,10 +26,12 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: Caus
     """Exact scaled-dot-product attention, ``softmax(scale · q kᵀ) v``, fused (no Sq×Sk tensor).
 
     Args:
-        q: ``(B, H, Sq, D)``. k, v: ``(B, H, Sk, D)``. One dtype (float16, bfloat16,
-            float32; float64 runs the PyTorch path, for gradcheck and references),
-            one device, ``1 <= D <= 256``, any strides with stride 1 in the last dim
-            (a ``(B, S, H, D).transpose(1, 2)`` view needs no copy).
+        q: ``(B, H, Sq, D)``. k, v: ``(B, H_kv, Sk, D)`` with ``H`` a multiple of
+            ``H_kv`` (grouped-query attention: query head h uses K/V head
+            ``h // (H / H_kv)``; K/V are never copied). One dtype (float16,
+            bfloat16, float32; float64 runs the PyTorch path, for gradcheck and
+            references), one device, ``1 <= D <= 256``, any strides with stride 1
+            in the last dim (a ``(B, S, H, D).transpose(1, 2)`` view needs no copy).
         causal: ``False``; ``True`` or ``"top_left"``: query i sees keys ``j <= i``
             (``torch.nn.functional.scaled_dot_product_attention``'s ``is_causal``);
             ``"bottom_right"``: keys ``j <= i + Sk - Sq`` (FlashAttention's alignment,
@@ -53,6 +56,93 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: Caus
     sm_scale = check_scale(scale, q.shape[-1])
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    offset = causal_offset(causal_mode, q.shape[2], k.shape[2])
-    out, lse = FlashAttnFunction.apply(q, k, v, sm_scale, bool(causal_mode), offset)
+    spec = AttnSpec(scale=sm_scale, causal=bool(causal_mode),
+                    causal_offset=causal_offset(causal_mode, q.shape[2], k.shape[2]))
+    out, lse = FlashAttnFunction.apply(q, k, v, None, spec)
     return (out, lse) if return_lse else out
+
+
+def _as_4d(t: torch.Tensor) -> torch.Tensor:
+    """(..., H, S, D) -> (B, H, S, D), B the product of the leading dims (1 when there are none)."""
+    if t.dim() == 4:
+        return t
+    return t.reshape(-1, *t.shape[-3:]) if t.dim() > 4 else t.unsqueeze(0)
+
+
+def _mask_as_bias(attn_mask: torch.Tensor, query: torch.Tensor, seqlen_k: int) -> torch.Tensor:
+    """A mask broadcastable to (..., H, L, S) as a (B|1, H|1, L|1, S|1) tensor; size-1 dims stay size 1."""
+    full = (*query.shape[:-1], seqlen_k)
+    try:
+        torch.broadcast_shapes(attn_mask.shape, full)
+    except RuntimeError:
+        raise ValueError(
+            f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (..., L, S) = {full}") from None
+    m = attn_mask.reshape((1,) * (len(full) - attn_mask.dim()) + tuple(attn_mask.shape))
+    lead = m.shape[:-3]  # batch dims, to be flattened into one
+    if len(lead) == 0:
+        return m.unsqueeze(0)
+    if all(n == 1 for n in lead):
+        return m.reshape(1, *m.shape[-3:])
+    return m.expand(*full[:-3], *m.shape[-3:]).reshape(-1, *m.shape[-3:])
+
+
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: float | None = None,
+                                 enable_gqa: bool = False) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.scaled_dot_product_attention``, on our kernels.
+
+    Same signature and semantics: query ``(..., Hq, L, E)``, key/value
+    ``(..., H, S, E)`` with any leading batch dims (3-D and 4-D inputs and more);
+    ``is_causal`` is top-left (query i sees keys ``j <= i``) and may not be combined
+    with ``attn_mask``; ``attn_mask`` is boolean (True = takes part) or a float
+    bias added to the scores (query's dtype), broadcastable to ``(..., L, S)`` and
+    never expanded in memory (broadcast dims are read with stride 0); a float
+    mask that requires grad receives its gradient. ``dropout_p`` applies dropout
+    to the attention probabilities always (as PyTorch's does; pass 0 in eval).
+    ``enable_gqa`` lets ``Hq`` be a multiple of ``H`` without copying K/V.
+    Rows that every mask entry hides return 0 (as PyTorch does). The value head
+    dim must equal the query's (``Ev == E``), at most 256.
+    """
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 3:
+            raise ValueError(f"{name} must have at least 3 dims (..., heads, seqlen, head_dim), got {tuple(t.shape)}")
+    if not (query.shape[:-3] == key.shape[:-3] == value.shape[:-3]):
+        raise ValueError(
+            f"query, key and value must share their batch dims, got {tuple(query.shape)}, {tuple(key.shape)}, "
+            f"{tuple(value.shape)}")
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if is_causal and attn_mask is not None:
+        raise ValueError("attn_mask and is_causal=True cannot be used together (as in PyTorch)")
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+    dropout = check_dropout(dropout_p)
+
+    # PyTorch accepts any strides; our kernels want a unit last stride
+    q4, k4, v4 = (_as_4d(t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous())
+                  for t in (query, key, value))
+    check_qkv(q4, k4, v4, allow_gqa=enable_gqa)
+    sm_scale = check_scale(scale, query.shape[-1]) if scale is not None else 1.0 / math.sqrt(query.shape[-1])
+
+    bias, bias_kind = None, BIAS_NONE
+    if attn_mask is not None:
+        if not isinstance(attn_mask, torch.Tensor):
+            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        if attn_mask.dtype == torch.bool:
+            bias_kind = BIAS_BOOL
+        elif attn_mask.dtype == query.dtype:
+            bias_kind = BIAS_FLOAT
+        else:
+            raise TypeError(f"attn_mask must be bool or of query's dtype {query.dtype}, got {attn_mask.dtype}")
+        if attn_mask.device != query.device:
+            raise ValueError(f"attn_mask must be on query's device {query.device}, got {attn_mask.device}")
+        bias = _mask_as_bias(attn_mask, query, key.shape[-2])
+
+    seed = int(torch.randint(0, 2**62, ()).item()) if dropout > 0 else 0  # torch's CPU RNG: manual_seed works
+    spec = AttnSpec(scale=sm_scale, causal=is_causal, causal_offset=0, bias_kind=bias_kind,
+                    dropout_p=dropout, seed=seed)
+    out, _ = FlashAttnFunction.apply(q4, k4, v4, bias, spec)
+    return out.reshape(*query.shape[:-1], out.shape[-1])

@@ -1,8 +1,10 @@
 """Kernel launchers, backend dispatch and the autograd function.
 
 Inputs reaching this module are already validated by the public functions
-(``flashattn_py.attention``): 4-D ``(B, H, S, D)``, same dtype and device,
-last-dim stride 1. Nothing here checks again.
+(``flashattn_py.attention``, ``scaled_dot_product_attention``): q ``(B, H, Sq, D)``,
+k and v ``(B, H_kv, Sk, D)`` with H a multiple of H_kv, one dtype and device,
+last-dim stride 1, and an optional bias/mask of shape ``(B|1, H|1, Sq|1, Sk|1)``.
+Nothing here checks again.
 
 Backend choice, per call:
   * CUDA tensors                                -> Triton kernels
@@ -16,6 +18,7 @@ import contextlib
 import math
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from collections.abc import Callable
 from types import ModuleType
 
@@ -121,8 +124,38 @@ def _bhs_strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-               causal: bool, causal_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class AttnSpec:
+    """Everything about one attention call except its tensors.
+
+    Query i sees key j iff j <= i + causal_offset (when causal). bias_kind: 0 none,
+    1 boolean mask (True = take part), 2 additive float bias. Dropout keeps each
+    probability with chance 1 - dropout_p, from a Philox stream keyed by `seed`.
+    """
+
+    scale: float
+    causal: bool = False
+    causal_offset: int = 0
+    bias_kind: int = 0
+    dropout_p: float = 0.0
+    seed: int = 0
+
+
+BIAS_NONE, BIAS_BOOL, BIAS_FLOAT = 0, 1, 2
+
+
+def _bias_args(bias: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> tuple:
+    """(tensor, 4 strides) for the kernels: broadcast dims get stride 0; no bias -> q and zeros."""
+    if bias is None:
+        return (q, 0, 0, 0, 0)
+    full = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if full.dtype == torch.bool:
+        full = full.view(torch.uint8)  # same bytes; Triton loads it as integers
+    return (full, *full.stride())
+
+
+def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+               spec: AttnSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """O (like q) and LSE ((B, H, Sq) float32, natural log) from the forward kernel."""
     kernels = _get_kernels()
     B, H, Sq, D = q.shape
@@ -130,27 +163,31 @@ def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     o = torch.empty_like(q)
     lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
     block_d = _block_d(D)
+    bias_t, *bias_strides = _bias_args(bias, q, k)
 
     def constexprs(cfg):
-        return dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=causal,
-                    EVEN_M=Sq % cfg.block_m == 0, EVEN_D=block_d == D, DOT_PRECISION=_dot_precision(q.dtype))
+        return dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=spec.causal,
+                    BIAS_KIND=spec.bias_kind, DROPOUT=spec.dropout_p > 0, EVEN_M=Sq % cfg.block_m == 0,
+                    EVEN_D=block_d == D, DOT_PRECISION=_dot_precision(q.dtype))
 
     with _device_of(q):
         _launch("attn_fwd", kernels._attn_fwd,
-                (q, k, v, o, lse, *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v), *_bhs_strides(o),
-                 H, Sq, Sk, causal_offset, scale * _LOG2E),
+                (q, k, v, o, lse, bias_t, *_bhs_strides(q), *_bhs_strides(k),
+                 *_bhs_strides(v), *_bhs_strides(o), *bias_strides,
+                 H, H // k.shape[1], Sq, Sk, spec.causal_offset, spec.scale * _LOG2E, spec.dropout_p, spec.seed),
                 lambda cfg: (triton.cdiv(Sq, cfg.block_m), B * H), constexprs,
                 _configs("fwd", q, block_d), (block_d, q.dtype, _capability(q)))
     return o, lse
 
 
 def triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-               lse: torch.Tensor, dlse: torch.Tensor | None, scale: float, causal: bool,
-               causal_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dQ, dK, dV (like q, k, v) from the preprocess, dK/dV and dQ kernels."""
+               lse: torch.Tensor, dlse: torch.Tensor | None, bias: torch.Tensor | None, need_dbias: bool,
+               spec: AttnSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """dQ, dK, dV (like q, k, v) and dBias (bias's shape, float32) from the backward kernels."""
     kernels = _get_kernels()
     B, H, Sq, D = q.shape
-    Sk = k.shape[2]
+    H_kv, Sk = k.shape[1], k.shape[2]
+    kv_group = H // H_kv
     block_d = _block_d(D)
     even_d = block_d == D
     precision = _dot_precision(q.dtype)
@@ -159,8 +196,11 @@ def triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     delta = torch.empty_like(lse)
     if dlse is not None:
         dlse = dlse.contiguous()
-    qk_scale = scale * _LOG2E
+    qk_scale = spec.scale * _LOG2E
     pre_block = _config.PREPROCESS_BLOCK_M if q.is_cuda else _config.INTERPRETER_PREPROCESS_BLOCK_M
+    bias_t, *bias_strides = _bias_args(bias, q, k)
+    features = dict(CAUSAL=spec.causal, BIAS_KIND=spec.bias_kind, DROPOUT=spec.dropout_p > 0)
+    runtime = (H, kv_group, Sq, Sk, spec.causal_offset, qk_scale, spec.scale, spec.dropout_p, spec.seed)
 
     with _device_of(q):
         _launch("attn_bwd_preprocess", kernels._attn_bwd_preprocess,
@@ -170,22 +210,37 @@ def triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                  EVEN_M=Sq % pre_block == 0, EVEN_D=even_d),
                 [_config.KernelConfig(pre_block, pre_block, 4, 1)], cache_key)
         _launch("attn_bwd_dkdv", kernels._attn_bwd_dkdv,
-                (q, k, v, do, lse, delta, dk, dv, *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v),
-                 *_bhs_strides(do), *_bhs_strides(dk), *_bhs_strides(dv), H, Sq, Sk, causal_offset, qk_scale, scale),
-                lambda cfg: (triton.cdiv(Sk, cfg.block_n), B * H),
+                (q, k, v, do, lse, delta, dk, dv, bias_t, *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v),
+                 *_bhs_strides(do), *_bhs_strides(dk), *_bhs_strides(dv), *bias_strides, *runtime),
+                lambda cfg: (triton.cdiv(Sk, cfg.block_n), B * H_kv),
                 lambda cfg: dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                 CAUSAL=causal, EVEN_M=Sq % cfg.block_m == 0, EVEN_N=Sk % cfg.block_n == 0,
-                                 EVEN_D=even_d, DOT_PRECISION=precision),
+                                 EVEN_M=Sq % cfg.block_m == 0, EVEN_N=Sk % cfg.block_n == 0,
+                                 EVEN_D=even_d, DOT_PRECISION=precision, **features),
                 _configs("dkdv", q, block_d), cache_key)
         _launch("attn_bwd_dq", kernels._attn_bwd_dq,
-                (q, k, v, do, lse, delta, dq, *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v),
-                 *_bhs_strides(do), *_bhs_strides(dq), H, Sq, Sk, causal_offset, qk_scale, scale),
+                (q, k, v, do, lse, delta, dq, bias_t, *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v),
+                 *_bhs_strides(do), *_bhs_strides(dq), *bias_strides, *runtime),
                 lambda cfg: (triton.cdiv(Sq, cfg.block_m), B * H),
                 lambda cfg: dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                 CAUSAL=causal, EVEN_M=Sq % cfg.block_m == 0, EVEN_D=even_d,
-                                 DOT_PRECISION=precision),
+                                 EVEN_M=Sq % cfg.block_m == 0, EVEN_D=even_d, DOT_PRECISION=precision, **features),
                 _configs("dq", q, block_d), cache_key)
-    return dq, dk, dv
+        dbias = None
+        if need_dbias:
+            # a bias dim of size 1 (against a larger problem dim) is summed over inside the kernel
+            bcast = [bias.shape[i] == 1 and n > 1 for i, n in enumerate((B, H, Sq, Sk))]
+            dbias = torch.empty(bias.shape, device=q.device, dtype=torch.float32)
+            _launch("attn_bwd_dbias", kernels._attn_bwd_dbias,
+                    (q, k, v, do, lse, delta, bias_t, dbias, *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v),
+                     *_bhs_strides(do), *bias_strides, *dbias.stride(), B, H, kv_group, Sq, Sk, spec.causal_offset,
+                     qk_scale, spec.dropout_p, spec.seed),
+                    lambda cfg: (1 if bcast[2] else triton.cdiv(Sq, cfg.block_m),
+                                 1 if bcast[3] else triton.cdiv(Sk, cfg.block_n), dbias.shape[0] * dbias.shape[1]),
+                    lambda cfg: dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+                                     CAUSAL=spec.causal, DROPOUT=spec.dropout_p > 0, BCAST_B=bcast[0],
+                                     BCAST_H=bcast[1], BCAST_M=bcast[2], BCAST_N=bcast[3], EVEN_D=even_d,
+                                     DOT_PRECISION=precision),
+                    _configs("dq", q, block_d), cache_key)
+    return dq, dk, dv, dbias
 
 
 def _device_of(t: torch.Tensor):
@@ -193,8 +248,8 @@ def _device_of(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-             causal: bool, causal_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+             spec: AttnSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward on the backend `q` selects. Handles empty problems without launching anything."""
     B, H, Sq, _ = q.shape
     Sk = k.shape[2]
@@ -202,41 +257,49 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
         return (torch.zeros_like(q),
                 torch.full((B, H, Sq), float("-inf"), device=q.device, dtype=torch.float32))
     if uses_triton(q):
-        return triton_fwd(q, k, v, scale, causal, causal_offset)
-    return _torch_backend.attn_fwd(q, k, v, scale, causal, causal_offset)
+        return triton_fwd(q, k, v, bias, spec)
+    return _torch_backend.attn_fwd(q, k, v, bias, spec)
 
 
 def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-             lse: torch.Tensor, dlse: torch.Tensor | None, scale: float, causal: bool,
-             causal_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Backward on the backend `q` selects."""
+             lse: torch.Tensor, dlse: torch.Tensor | None, bias: torch.Tensor | None, need_dbias: bool,
+             spec: AttnSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Backward on the backend `q` selects: dq, dk, dv and (if asked) dbias in float32."""
     B, H, Sq, _ = q.shape
     Sk = k.shape[2]
     if B * H * Sq == 0 or Sk == 0:
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dbias = torch.zeros(bias.shape, device=q.device, dtype=torch.float32) if need_dbias else None
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
     if do.stride(-1) != 1:  # e.g. the expanded gradient of out.sum()
         do = do.contiguous()
     if uses_triton(q):
-        return triton_bwd(do, q, k, v, o, lse, dlse, scale, causal, causal_offset)
-    return _torch_backend.attn_bwd(do, q, k, v, o, lse, dlse, scale, causal, causal_offset)
+        return triton_bwd(do, q, k, v, o, lse, dlse, bias, need_dbias, spec)
+    return _torch_backend.attn_bwd(do, q, k, v, o, lse, dlse, bias, need_dbias, spec)
 
 
 class FlashAttnFunction(torch.autograd.Function):
-    """Exact attention with O(S) saved state: only O and the LSE are kept for backward."""
+    """Exact attention with O(S) saved state: only O and the LSE are kept for backward.
+
+    `bias` is None, a bool mask or a float bias of shape (B|1, H|1, Sq|1, Sk|1);
+    a float bias that requires grad gets dBias of its own shape.
+    """
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
-                causal_offset: int) -> tuple[torch.Tensor, torch.Tensor]:
-        o, lse = attn_fwd(q, k, v, scale, causal, causal_offset)
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                spec: AttnSpec) -> tuple[torch.Tensor, torch.Tensor]:
+        o, lse = attn_fwd(q, k, v, bias, spec)
         ctx.set_materialize_grads(False)  # an unused output (usually the LSE) then brings None, not zeros
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale, ctx.causal, ctx.causal_offset = scale, causal, causal_offset
+        ctx.save_for_backward(q, k, v, o, lse, bias)
+        ctx.spec = spec
         return o, lse
 
     @staticmethod
-    def backward(ctx, do: torch.Tensor, dlse: torch.Tensor | None):
-        q, k, v, o, lse = ctx.saved_tensors
+    def backward(ctx, do: torch.Tensor | None, dlse: torch.Tensor | None):
+        q, k, v, o, lse, bias = ctx.saved_tensors
         if do is None:  # only the LSE was used downstream
             do = torch.zeros_like(o)
-        dq, dk, dv = attn_bwd(do, q, k, v, o, lse, dlse, ctx.scale, ctx.causal, ctx.causal_offset)
-        return dq, dk, dv, None, None, None
+        need_dbias = bias is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = attn_bwd(do, q, k, v, o, lse, dlse, bias, need_dbias, ctx.spec)
+        if dbias is not None:
+            dbias = dbias.to(bias.dtype)
+        return dq, dk, dv, dbias, None

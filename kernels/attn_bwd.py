@@ -9,15 +9,22 @@ With P = softmax(S), S = scale * Q Kᵀ, and the forward's row log-sum-exp L:
 dL is the gradient flowing into the returned LSE (zero when LSE is not used):
 ∂L_i/∂S_ij = P_ij, so it folds into Δ for free.
 
-The dK/dV pass gives each program a block of keys and streams query blocks
-past it; the dQ pass gives each program a block of queries and streams key
-blocks. Each output tile is written by exactly one program.
+With a bias, S also has + bias and dBias = dS (summed over the bias's
+broadcast dims). With dropout (keep mask Z, rate p), the forward used
+P ∘ Z / (1 - p): dV = (P ∘ Z)ᵀ dO / (1 - p) and dP = Z ∘ (dO Vᵀ) / (1 - p); Δ is
+unchanged because O already carries the dropout.
+
+The dK/dV pass gives each program a block of keys (of one K/V head, looping
+over the query heads that share it under GQA) and streams query blocks past
+it; the dQ pass gives each program a block of queries and streams key blocks;
+the optional dBias pass gives each program one tile of dBias and loops over
+everything broadcast onto it. Each output tile is written by exactly one program.
 """
 
 import triton
 import triton.language as tl
 
-from .tiles import LOG2E, _key_range, _load_row_stat, _load_rows, _query_range, _store_rows
+from .tiles import LOG2E, _dropout_keep, _key_range, _load_row_stat, _load_rows, _query_range, _score_mods, _store_rows
 
 
 @triton.jit
@@ -65,12 +72,12 @@ def _lse_log2(lse):
 @triton.jit
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v,
-    q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-    cols, offs_m, offs_d,
-    lo, hi, seqlen_q, causal_offset, qk_scale,
+    q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, bias_base, stride_biasm, stride_biasn,
+    cols, offs_m, offs_d, bh, seed, dropout_p,
+    lo, hi, seqlen_q, seqlen_k, causal_offset, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    MASKED: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
@@ -82,13 +89,20 @@ def _attn_bwd_dkdv_inner(
         # rows past seqlen_q read lse = -inf -> +inf below -> P = 0: they add nothing
         lse2 = _lse_log2(_load_row_stat(lse_base + rows, rows, seqlen_q, float("-inf"), EVEN_M))
         delta = _load_row_stat(delta_base + rows, rows, seqlen_q, 0.0, EVEN_M)
-        # transposed tiles [BLOCK_N, BLOCK_M]: keys are this program's rows
+        # transposed tiles [BLOCK_N, BLOCK_M]: keys are this program's rows.
+        # Masks go on before exp2, so hidden scores give exactly 0 (never an overflowing exp2).
         qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:  # mask before exp2 so hidden scores give exactly 0 (never an overflowing exp2)
-            qk_t = tl.where(cols[:, None] <= rows[None, :] + causal_offset, qk_t, float("-inf"))
+        qk_t = _score_mods(qk_t, rows[None, :], cols[:, None], bias_base, stride_biasm, stride_biasn,
+                           seqlen_q, seqlen_k, causal_offset, BIAS_KIND, False, MASKED)
         p_t = tl.exp2(qk_t - lse2[None, :])
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        if DROPOUT:
+            keep_t = _dropout_keep(seed, bh, rows[None, :], cols[:, None], dropout_p)
+            inv_keep = 1.0 / (1.0 - dropout_p)
+            dv = tl.dot((tl.where(keep_t, p_t, 0.0) * inv_keep).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+            dp_t = tl.where(keep_t, dp_t * inv_keep, 0.0)
+        else:
+            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
@@ -96,24 +110,33 @@ def _attn_bwd_dkdv_inner(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, BIAS,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
-    num_heads, seqlen_q, seqlen_k, causal_offset, qk_scale, sm_scale,
+    stride_biasb, stride_biash, stride_biasm, stride_biasn,
+    num_heads, kv_group, seqlen_q, seqlen_k, causal_offset, qk_scale, sm_scale, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
+    CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """dK, dV for BLOCK_N keys of one (batch, head), streaming the query blocks that see them."""
+    """dK, dV for BLOCK_N keys of one (batch, K/V head), streaming the query blocks that see them.
+
+    Under GQA the kv_group query heads sharing this K/V head are summed here, in
+    a fixed order: deterministic, no atomics. The grid's second axis is B * H_kv.
+    """
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b64 = tl.cast(pid_bh // num_heads, tl.int64)
-    h64 = tl.cast(pid_bh % num_heads, tl.int64)
+    pid_bhkv = tl.program_id(1)
+    num_kv_heads = num_heads // kv_group
+    off_b = pid_bhkv // num_kv_heads
+    off_hkv = pid_bhkv % num_kv_heads
+    b64 = tl.cast(off_b, tl.int64)
+    hkv64 = tl.cast(off_hkv, tl.int64)
     start_n = pid_n * BLOCK_N
     n64 = tl.cast(start_n, tl.int64)
 
@@ -123,55 +146,81 @@ def _attn_bwd_dkdv(
     cols = start_n + offs_n
 
     # keys past seqlen_k load as 0; their dK/dV rows are computed but never stored
-    k = _load_rows(K + b64 * stride_kb + h64 * stride_kh + n64 * stride_kn
+    k = _load_rows(K + b64 * stride_kb + hkv64 * stride_kh + n64 * stride_kn
                    + offs_n[:, None] * stride_kn + offs_d[None, :],
                    cols, seqlen_k, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
-    v = _load_rows(V + b64 * stride_vb + h64 * stride_vh + n64 * stride_vn
+    v = _load_rows(V + b64 * stride_vb + hkv64 * stride_vh + n64 * stride_vn
                    + offs_n[:, None] * stride_vn + offs_d[None, :],
                    cols, seqlen_k, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    q_base = Q + b64 * stride_qb + h64 * stride_qh
-    do_base = DO + b64 * stride_dob + h64 * stride_doh
-    lse_base = LSE + tl.cast(pid_bh, tl.int64) * seqlen_q
-    delta_base = DELTA + tl.cast(pid_bh, tl.int64) * seqlen_q
-
     if CAUSAL:
         lo, mid = _query_range(start_n, seqlen_q, causal_offset, BLOCK_M, BLOCK_N)
-        # query blocks straddling the diagonal: masked
+    else:
+        lo = 0
+        mid = 0
+    for g in range(0, kv_group):
+        off_h = off_hkv * kv_group + g
+        h64 = tl.cast(off_h, tl.int64)
+        bh = off_b * num_heads + off_h
+        q_base = Q + b64 * stride_qb + h64 * stride_qh
+        do_base = DO + b64 * stride_dob + h64 * stride_doh
+        lse_base = LSE + tl.cast(bh, tl.int64) * seqlen_q
+        delta_base = DELTA + tl.cast(bh, tl.int64) * seqlen_q
+        bias_base = BIAS + b64 * stride_biasb + h64 * stride_biash
+        if CAUSAL:
+            # query blocks straddling the diagonal: masked
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+                bias_base, stride_biasm, stride_biasn, cols, offs_m, offs_d, bh, seed, dropout_p,
+                lo, mid, seqlen_q, seqlen_k, causal_offset, qk_scale,
+                HEAD_DIM, BLOCK_M, True, BIAS_KIND, DROPOUT, EVEN_M, EVEN_D, DOT_PRECISION,
+            )
+        # query blocks that see all these keys: no structural mask
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-            cols, offs_m, offs_d, lo, mid, seqlen_q, causal_offset, qk_scale,
-            HEAD_DIM, BLOCK_M, True, EVEN_M, EVEN_D, DOT_PRECISION,
+            bias_base, stride_biasm, stride_biasn, cols, offs_m, offs_d, bh, seed, dropout_p,
+            mid, seqlen_q, seqlen_q, seqlen_k, causal_offset, qk_scale,
+            HEAD_DIM, BLOCK_M, False, BIAS_KIND, DROPOUT, EVEN_M, EVEN_D, DOT_PRECISION,
         )
-    else:
-        mid = 0
-    # query blocks that see all these keys: no mask
-    dk, dv = _attn_bwd_dkdv_inner(
-        dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-        cols, offs_m, offs_d, mid, seqlen_q, seqlen_q, causal_offset, qk_scale,
-        HEAD_DIM, BLOCK_M, False, EVEN_M, EVEN_D, DOT_PRECISION,
-    )
 
     dk *= sm_scale
-    _store_rows(DK + b64 * stride_dkb + h64 * stride_dkh + n64 * stride_dkn
+    _store_rows(DK + b64 * stride_dkb + hkv64 * stride_dkh + n64 * stride_dkn
                 + offs_n[:, None] * stride_dkn + offs_d[None, :],
                 dk.to(DK.dtype.element_ty), cols, seqlen_k, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
-    _store_rows(DV + b64 * stride_dvb + h64 * stride_dvh + n64 * stride_dvn
+    _store_rows(DV + b64 * stride_dvb + hkv64 * stride_dvh + n64 * stride_dvn
                 + offs_n[:, None] * stride_dvn + offs_d[None, :],
                 dv.to(DV.dtype.element_ty), cols, seqlen_k, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
 
 
 @triton.jit
+def _attn_bwd_ds(q, do, lse2, delta, k, v, rows, cols, bias_base, stride_biasm, stride_biasn, bh, seed, dropout_p,
+                 seqlen_q, seqlen_k, causal_offset, qk_scale,
+                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr):
+    """dS = P ∘ (dP - Δ) for a [BLOCK_M, BLOCK_N] tile, recomputing P from the LSE."""
+    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    # keys past seqlen_k must go too: their zero scores could overflow exp2, and 0 * inf = NaN
+    qk = _score_mods(qk, rows[:, None], cols[None, :], bias_base, stride_biasm, stride_biasn,
+                     seqlen_q, seqlen_k, causal_offset, BIAS_KIND, MASKED, MASKED and CAUSAL)
+    p = tl.exp2(qk - lse2[:, None])
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], dropout_p)
+        dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
+    return p * (dp - delta[:, None])
+
+
+@triton.jit
 def _attn_bwd_dq_inner(
     dq, q, do, lse2, delta,
-    k_base, v_base, stride_kn, stride_vn,
-    rows, offs_n, offs_d,
-    lo, hi, seqlen_k, causal_offset, qk_scale,
+    k_base, v_base, stride_kn, stride_vn, bias_base, stride_biasm, stride_biasn,
+    rows, offs_n, offs_d, bh, seed, dropout_p,
+    lo, hi, seqlen_q, seqlen_k, causal_offset, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -180,39 +229,37 @@ def _attn_bwd_dq_inner(
                        cols, seqlen_k, offs_d, HEAD_DIM, not MASKED, EVEN_D)
         v = _load_rows(v_base + n64 * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :],
                        cols, seqlen_k, offs_d, HEAD_DIM, not MASKED, EVEN_D)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        if MASKED:
-            # keys past seqlen_k must go too: their zero scores could overflow exp2, and 0 * inf = NaN
-            visible = cols[None, :] < seqlen_k
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= rows[:, None] + causal_offset)
-            qk = tl.where(visible, qk, float("-inf"))
-        p = tl.exp2(qk - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
+        ds = _attn_bwd_ds(q, do, lse2, delta, k, v, rows, cols, bias_base, stride_biasm, stride_biasn,
+                          bh, seed, dropout_p, seqlen_q, seqlen_k, causal_offset, qk_scale,
+                          MASKED, CAUSAL, BIAS_KIND, DROPOUT, DOT_PRECISION)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ,
+    Q, K, V, DO, LSE, DELTA, DQ, BIAS,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
-    num_heads, seqlen_q, seqlen_k, causal_offset, qk_scale, sm_scale,
+    stride_biasb, stride_biash, stride_biasm, stride_biasn,
+    num_heads, kv_group, seqlen_q, seqlen_k, causal_offset, qk_scale, sm_scale, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
+    CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """dQ for BLOCK_M queries of one (batch, head), streaming the key blocks they see."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b64 = tl.cast(pid_bh // num_heads, tl.int64)
-    h64 = tl.cast(pid_bh % num_heads, tl.int64)
+    off_b = pid_bh // num_heads
+    off_h = pid_bh % num_heads
+    b64 = tl.cast(off_b, tl.int64)
+    h64 = tl.cast(off_h, tl.int64)
+    hkv64 = tl.cast(off_h // kv_group, tl.int64)
     start_m = pid_m * BLOCK_M
     m64 = tl.cast(start_m, tl.int64)
 
@@ -232,21 +279,110 @@ def _attn_bwd_dq(
     delta = _load_row_stat(DELTA + row_offs, rows, seqlen_q, 0.0, EVEN_M)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    k_base = K + b64 * stride_kb + h64 * stride_kh
-    v_base = V + b64 * stride_vb + h64 * stride_vh
+    k_base = K + b64 * stride_kb + hkv64 * stride_kh
+    v_base = V + b64 * stride_vb + hkv64 * stride_vh
+    bias_base = BIAS + b64 * stride_biasb + h64 * stride_biash
     full_end, hi = _key_range(start_m, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_n, offs_d,
-        0, full_end, seqlen_k, causal_offset, qk_scale,
-        HEAD_DIM, BLOCK_N, False, CAUSAL, EVEN_D, DOT_PRECISION,
+        dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, stride_biasm, stride_biasn,
+        rows, offs_n, offs_d, pid_bh, seed, dropout_p, 0, full_end, seqlen_q, seqlen_k, causal_offset, qk_scale,
+        HEAD_DIM, BLOCK_N, False, CAUSAL, BIAS_KIND, DROPOUT, EVEN_D, DOT_PRECISION,
     )
     dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, rows, offs_n, offs_d,
-        full_end, hi, seqlen_k, causal_offset, qk_scale,
-        HEAD_DIM, BLOCK_N, True, CAUSAL, EVEN_D, DOT_PRECISION,
+        dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, stride_biasm, stride_biasn,
+        rows, offs_n, offs_d, pid_bh, seed, dropout_p, full_end, hi, seqlen_q, seqlen_k, causal_offset, qk_scale,
+        HEAD_DIM, BLOCK_N, True, CAUSAL, BIAS_KIND, DROPOUT, EVEN_D, DOT_PRECISION,
     )
 
     dq *= sm_scale
     _store_rows(DQ + b64 * stride_dqb + h64 * stride_dqh + m64 * stride_dqm
                 + offs_m[:, None] * stride_dqm + offs_d[None, :],
                 dq.to(DQ.dtype.element_ty), rows, seqlen_q, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
+
+
+@triton.jit
+def _attn_bwd_dbias(
+    Q, K, V, DO, LSE, DELTA, BIAS, DBIAS,
+    stride_qb, stride_qh, stride_qm,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom,
+    stride_biasb, stride_biash, stride_biasm, stride_biasn,
+    stride_dbb, stride_dbh, stride_dbm, stride_dbn,
+    batch, num_heads, kv_group, seqlen_q, seqlen_k, causal_offset, qk_scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    BCAST_B: tl.constexpr, BCAST_H: tl.constexpr, BCAST_M: tl.constexpr, BCAST_N: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One tile of dBias = dS, summed over the dims the bias broadcasts along (BCAST_*).
+
+    DBIAS is float32 with size 1 on broadcast dims. The grid is (row tiles,
+    column tiles, DBIAS's batch*heads); a broadcast dim is looped over inside the
+    program, so every element is a fixed-order sum: deterministic.
+    """
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_bh = tl.program_id(2)
+    out_heads = 1 if BCAST_H else num_heads
+    out_b = pid_bh // out_heads
+    out_h = pid_bh % out_heads
+    b_lo = 0 if BCAST_B else out_b
+    b_hi = batch if BCAST_B else out_b + 1
+    h_lo = 0 if BCAST_H else out_h
+    h_hi = num_heads if BCAST_H else out_h + 1
+    m_lo = 0 if BCAST_M else pid_m * BLOCK_M
+    m_hi = seqlen_q if BCAST_M else pid_m * BLOCK_M + 1
+    n_lo = 0 if BCAST_N else pid_n * BLOCK_N
+    n_hi = seqlen_k if BCAST_N else pid_n * BLOCK_N + 1
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for off_b in range(b_lo, b_hi):
+        b64 = tl.cast(off_b, tl.int64)
+        for off_h in range(h_lo, h_hi):
+            h64 = tl.cast(off_h, tl.int64)
+            hkv64 = tl.cast(off_h // kv_group, tl.int64)
+            bh = off_b * num_heads + off_h
+            bias_base = BIAS + b64 * stride_biasb + h64 * stride_biash
+            for start_m in range(m_lo, m_hi, BLOCK_M):
+                rows = start_m + offs_m
+                m64 = tl.cast(start_m, tl.int64)
+                q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh + m64 * stride_qm
+                               + offs_m[:, None] * stride_qm + offs_d[None, :],
+                               rows, seqlen_q, offs_d, HEAD_DIM, False, EVEN_D)
+                do = _load_rows(DO + b64 * stride_dob + h64 * stride_doh + m64 * stride_dom
+                                + offs_m[:, None] * stride_dom + offs_d[None, :],
+                                rows, seqlen_q, offs_d, HEAD_DIM, False, EVEN_D)
+                row_offs = tl.cast(bh, tl.int64) * seqlen_q + rows
+                lse2 = _lse_log2(_load_row_stat(LSE + row_offs, rows, seqlen_q, float("-inf"), False))
+                delta = _load_row_stat(DELTA + row_offs, rows, seqlen_q, 0.0, False)
+                for start_n in range(n_lo, n_hi, BLOCK_N):
+                    cols = start_n + offs_n
+                    n64 = tl.cast(start_n, tl.int64)
+                    k = _load_rows(K + b64 * stride_kb + hkv64 * stride_kh + n64 * stride_kn
+                                   + offs_n[:, None] * stride_kn + offs_d[None, :],
+                                   cols, seqlen_k, offs_d, HEAD_DIM, False, EVEN_D)
+                    v = _load_rows(V + b64 * stride_vb + hkv64 * stride_vh + n64 * stride_vn
+                                   + offs_n[:, None] * stride_vn + offs_d[None, :],
+                                   cols, seqlen_k, offs_d, HEAD_DIM, False, EVEN_D)
+                    ds = _attn_bwd_ds(q, do, lse2, delta, k, v, rows, cols, bias_base, stride_biasm, stride_biasn,
+                                      bh, seed, dropout_p, seqlen_q, seqlen_k, causal_offset, qk_scale,
+                                      True, CAUSAL, 2, DROPOUT, DOT_PRECISION)
+                    if BCAST_M:
+                        ds = tl.broadcast_to(tl.sum(ds, 0)[None, :], (BLOCK_M, BLOCK_N))
+                    if BCAST_N:
+                        ds = tl.broadcast_to(tl.sum(ds, 1)[:, None], (BLOCK_M, BLOCK_N))
+                    acc += ds
+
+    # with a broadcast row (column) dim every row (column) of acc holds the same sum: store one
+    out_rows = (0 if BCAST_M else pid_m * BLOCK_M) + offs_m
+    out_cols = (0 if BCAST_N else pid_n * BLOCK_N) + offs_n
+    n_rows = 1 if BCAST_M else seqlen_q
+    n_cols = 1 if BCAST_N else seqlen_k
+    ptrs = (DBIAS + tl.cast(out_b, tl.int64) * stride_dbb + tl.cast(out_h, tl.int64) * stride_dbh
+            + tl.cast(out_rows, tl.int64)[:, None] * stride_dbm + out_cols[None, :] * stride_dbn)
+    tl.store(ptrs, acc, mask=(out_rows[:, None] < n_rows) & (out_cols[None, :] < n_cols))

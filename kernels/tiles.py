@@ -89,3 +89,41 @@ def _query_range(start_n, seqlen_q, causal_offset, BLOCK_M: tl.constexpr, BLOCK_
     full_row = tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0)  # first query that sees the whole block
     mid = tl.minimum(((full_row + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, seqlen_q)
     return lo, mid
+
+
+@triton.jit
+def _score_mods(s, row_idx, col_idx, bias_base, stride_biasm, stride_biasn, seqlen_q, seqlen_k, causal_offset,
+                BIAS_KIND: tl.constexpr, KEY_BOUNDS: tl.constexpr, CAUSAL_MASK: tl.constexpr):
+    """Apply the bias / mask and the structural masks to a tile of base-2 scores.
+
+    `row_idx` and `col_idx` are broadcastable index tiles (query rows and key
+    columns) in whatever orientation `s` has. BIAS_KIND: 0 none, 1 boolean mask
+    (nonzero = take part), 2 additive float bias in natural-log units. A bias
+    broadcast along a dim has stride 0 there, so a (B, 1, 1, Sk) key-padding
+    mask costs one small vector load per tile. Hidden entries become -inf.
+    """
+    if BIAS_KIND != 0:
+        ptrs = bias_base + tl.cast(row_idx, tl.int64) * stride_biasm + tl.cast(col_idx, tl.int64) * stride_biasn
+        in_bounds = (row_idx < seqlen_q) & (col_idx < seqlen_k)
+        if BIAS_KIND == 1:
+            keep = tl.load(ptrs, mask=in_bounds, other=0) != 0
+            s = tl.where(keep, s, float("-inf"))
+        else:
+            s += tl.load(ptrs, mask=in_bounds, other=0.0).to(tl.float32) * LOG2E
+    if KEY_BOUNDS:
+        s = tl.where(col_idx < seqlen_k, s, float("-inf"))
+    if CAUSAL_MASK:
+        s = tl.where(col_idx <= row_idx + causal_offset, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _dropout_keep(seed, bh, row_idx, col_idx, dropout_p):
+    """Bernoulli(1 - dropout_p) keep mask for (batch*head, row, col), from Philox keyed by `seed`.
+
+    The counter is (col, row, batch*head, 0), so forward and both backward passes
+    regenerate the same mask in any tile orientation, and no Sq x Sk mask is stored.
+    """
+    zero = row_idx * 0 + col_idx * 0
+    r0, _, _, _ = tl.philox(seed, col_idx + zero, row_idx + zero, bh + zero, zero)
+    return tl.uint_to_uniform_float(r0) >= dropout_p
