@@ -18,8 +18,8 @@ import contextlib
 import math
 import warnings
 from collections import Counter
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch

@@ -6,7 +6,7 @@ kernels run through Triton's CPU interpreter is fixed by ``TRITON_INTERPRET``
 at the moment this package is first imported.
 """
 
-from .attn_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
+from .attn_bwd import _attn_bwd_dbias, _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .attn_fwd import _attn_fwd
 
-__all__ = ["_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq"]
+__all__ = ["_attn_fwd", "_attn_bwd_preprocess", "_attn_bwd_dkdv", "_attn_bwd_dq", "_attn_bwd_dbias"]

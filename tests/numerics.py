@@ -69,12 +69,17 @@ def assert_rule(name: str, ours: torch.Tensor, same_dtype: torch.Tensor, ref64: 
         f"{name}: max error {err_ours:.3e} > {factor} x PyTorch's {err_pt:.3e} + slack {slack:.3e}")
 
 
-def _gradient_term_magnitudes(q, k, v, do, out64, lse64, scale, causal) -> tuple[float, float]:
+def _gradient_term_magnitudes(q, k, v, do, out64, lse64, scale, causal, attn_mask=None) -> tuple[float, float]:
     """Largest |term| summed into dq and dk, in float64: scale * P (|dP| + |delta|) times |K| or |Q|."""
     q, k, v, do = (t.detach().double() for t in (q, k, v, do))
+    if k.shape[1] != q.shape[1]:
+        k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     lse = torch.where(torch.isneginf(lse64), torch.inf, lse64.detach())[..., None]
     s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if attn_mask is not None:
+        m = attn_mask.detach()
+        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.double()
     mode = check_causal(causal)
     if mode:
         Sq, Sk = s.shape[-2:]
@@ -82,10 +87,15 @@ def _gradient_term_magnitudes(q, k, v, do, out64, lse64, scale, causal) -> tuple
         s = s.masked_fill(hidden.to(s.device), float("-inf"))
     p = torch.exp(s - lse)
     delta = (out64.detach() * do).sum(-1, keepdim=True)
-    w = abs(scale) * p * (torch.matmul(do, v.transpose(-1, -2)).abs() + delta.abs())
-    term_dq = torch.matmul(w, k.abs()).max().item() if w.numel() else 0.0
-    term_dk = torch.matmul(w.transpose(-1, -2), q.abs()).max().item() if w.numel() else 0.0
-    return term_dq, term_dk
+    w_ds = p * (torch.matmul(do, v.transpose(-1, -2)).abs() + delta.abs())  # |terms| of dS
+    w = abs(scale) * w_ds
+    if not w.numel():
+        return 0.0, 0.0, 0.0
+    term_dq = torch.matmul(w, k.abs()).max().item()
+    term_dk = torch.matmul(w.transpose(-1, -2), q.abs()).max().item()
+    # the mask's gradient is dS summed over the mask's broadcast dims
+    term_ds = (w_ds.sum_to_size(attn_mask.shape) if attn_mask is not None else w_ds).max().item()
+    return term_dq, term_dk, term_ds
 
 
 def _run(fn, q, k, v, do, **kwargs):
@@ -104,10 +114,51 @@ def check_attention(q, k, v, do, **kwargs) -> tuple[torch.Tensor, ...]:
 
     ref64 = _run(attention_reference, *detached(lambda t: t.double()), do.double(), **kwargs)
     same = _run(attention_reference, *detached(lambda t: t.clone()), do, **kwargs)
-    term_dq, term_dk = _gradient_term_magnitudes(q, k, v, do, ref64[0], ref64[1], kwargs.get("scale"),
-                                                 kwargs.get("causal", False))
+    term_dq, term_dk, _ = _gradient_term_magnitudes(q, k, v, do, ref64[0], ref64[1], kwargs.get("scale"),
+                                                    kwargs.get("causal", False))
     magnitudes = {"dq": term_dq, "dk": term_dk}
     for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
         factor = FWD_FACTOR if i < 2 else BWD_FACTOR
         assert_rule(name, ours[i], same[i], ref64[i], factor, dtype, magnitudes.get(name))
+    return ours
+
+
+def check_sdpa(q, k, v, do, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+    """Our scaled_dot_product_attention vs fp64 reference and torch's SDPA in the same dtype.
+
+    The rule applies to out, dq, dk, dv and (for a float mask that requires grad)
+    the mask's gradient. torch's own SDPA in float64 must equal the fp64
+    reference, which pins the reference's semantics to PyTorch's.
+    """
+    import torch.nn.functional as F
+
+    from flashattn_py import scaled_dot_product_attention
+
+    dtype = q.dtype
+    wants = [q, k, v] + ([attn_mask] if attn_mask is not None and attn_mask.requires_grad else [])
+    kw = dict(is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    out = scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **kw)
+    ours = (out, *torch.autograd.grad(out, wants, do))
+
+    def copies(cast):
+        return [cast(t.detach()).requires_grad_(t.requires_grad) if t.is_floating_point() else t
+                for t in (q, k, v, attn_mask) if t is not None]
+
+    c64 = copies(lambda t: t.double())
+    m64 = c64[3] if attn_mask is not None else None
+    out64, lse64 = attention_reference(*c64[:3], causal=is_causal, scale=scale, attn_mask=m64, return_lse=True)
+    ref64 = (out64, *torch.autograd.grad(out64, [t for t in c64 if t.requires_grad], do.double()))
+    torch_out64 = F.scaled_dot_product_attention(*c64[:3], attn_mask=m64, **kw)
+    torch.testing.assert_close(torch_out64, out64, atol=1e-10, rtol=1e-10)
+
+    cs = copies(lambda t: t.clone())
+    same_out = F.scaled_dot_product_attention(*cs[:3], attn_mask=cs[3] if attn_mask is not None else None, **kw)
+    same = (same_out, *torch.autograd.grad(same_out, [t for t in cs if t.requires_grad], do))
+
+    term_dq, term_dk, term_ds = _gradient_term_magnitudes(q, k, v, do, out64, lse64, scale, is_causal, attn_mask)
+    names = ["out", "dq", "dk", "dv", "dmask"][:len(ours)]
+    magnitudes = {"dq": term_dq, "dk": term_dk, "dmask": term_ds}
+    for name, a, b, r in zip(names, ours, same, ref64, strict=True):
+        factor = FWD_FACTOR if name == "out" else BWD_FACTOR
+        assert_rule(name, a, b, r, factor, dtype, magnitudes.get(name))
     return ours
