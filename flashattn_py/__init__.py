@@ -1,8 +1,16 @@
 """flashattn_py: fused Triton kernels for exact scaled-dot-product attention in PyTorch."""
 
 from .functional import attention, scaled_dot_product_attention
+from .modules import MultiheadAttention, replace_attention
 from .reference import attention_reference
 
 __version__ = "0.1.0"
 
-__all__ = ["attention", "scaled_dot_product_attention", "attention_reference", "__version__"]
+__all__ = [
+    "attention",
+    "scaled_dot_product_attention",
+    "MultiheadAttention",
+    "replace_attention",
+    "attention_reference",
+    "__version__",
+]
