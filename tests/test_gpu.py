@@ -57,3 +57,48 @@ def test_offsets_past_int32(triton_ran):
     for t, r in ((q, qt), (k, kt), (v, vt)):
         torch.testing.assert_close(t.grad[tail].double(), r.grad, atol=2e-2, rtol=2e-2)
     triton_ran("attn_fwd", "attn_bwd_dq")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mask_shape", [(1000, 1100), (2, 1, 1, 1100), (2, 4, 1000, 1100)], ids=str)
+def test_sdpa_masks_low_precision(mask_shape, dtype, triton_ran):
+    from numerics import check_sdpa
+
+    q, k, v, do = make_qkv(2, 4, 1000, 1100, 128, dtype, torch.device("cuda"), "bshd")
+    gen = torch.Generator().manual_seed(0)
+    mask = torch.randn(mask_shape, generator=gen).to(device="cuda", dtype=dtype).requires_grad_()
+    check_sdpa(q, k, v, do, attn_mask=mask)
+    bool_mask = (torch.rand(mask_shape, generator=gen) > 0.2).cuda()
+    check_sdpa(q, k, v, do, attn_mask=bool_mask)
+    triton_ran("attn_fwd", "attn_bwd_dbias")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sdpa_gqa_low_precision(dtype, triton_ran):
+    from numerics import check_sdpa
+
+    q, _, _, do = make_qkv(2, 8, 2048, 2048, 128, dtype, torch.device("cuda"), seed=1)
+    _, k, v, _ = make_qkv(2, 2, 2048, 2048, 128, dtype, torch.device("cuda"), seed=2)
+    check_sdpa(q, k, v, do, is_causal=True, enable_gqa=True)
+    triton_ran("attn_bwd_dkdv")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_multihead_attention_low_precision(dtype):
+    from torch import nn
+
+    import flashattn_py
+
+    torch.manual_seed(0)
+    ref = nn.MultiheadAttention(512, 8, batch_first=True, device="cuda", dtype=dtype)
+    ours = flashattn_py.MultiheadAttention(512, 8, batch_first=True, device="cuda", dtype=dtype)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 2048, 512, device="cuda", dtype=dtype)
+    kpm = torch.zeros(4, 2048, dtype=torch.bool, device="cuda")
+    kpm[1, 1500:] = True
+    out_r, _ = ref(x, x, x, key_padding_mask=kpm, need_weights=False)
+    out_o, _ = ours(x, x, x, key_padding_mask=kpm, need_weights=False)
+    ref32 = nn.MultiheadAttention(512, 8, batch_first=True, device="cuda")
+    ref32.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
+    out_32, _ = ref32(x.float(), x.float(), x.float(), key_padding_mask=kpm, need_weights=False)
+    assert (out_o.float() - out_32).abs().max() <= 2 * (out_r.float() - out_32).abs().max() + 1e-3
