@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import torch
 
 if TYPE_CHECKING:
-    from .ops import AttnSpec
+    from .ops import AttnSpec, SeqLayout
 
 # Upper bound on the elements of one chunk's score tile (B * H * rows * Sk).
 _CHUNK_ELEMENTS = 1 << 24
@@ -40,19 +40,24 @@ def _expand_kv(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t[:, :, None].expand(B, H_kv, heads // H_kv, S, D).reshape(B, heads, S, D)
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, spec: AttnSpec, sl: slice) -> torch.Tensor:
-    """Masked scores for query rows `sl`: scale q kᵀ + bias, -inf where hidden."""
+def _scores(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, alibi: torch.Tensor | None,
+            spec: AttnSpec, sl: slice) -> torch.Tensor:
+    """Scores for query rows `sl`, in the kernels' order: scale, softcap, ALiBi, bias/mask, window."""
     s = torch.matmul(q[:, :, sl], k.transpose(-1, -2)) * spec.scale
+    if spec.softcap > 0:
+        s = spec.softcap * torch.tanh(s / spec.softcap)
+    rows = torch.arange(sl.start, sl.start + s.shape[2], device=q.device)[:, None]
+    cols = torch.arange(k.shape[2], device=q.device)[None, :]
+    if alibi is not None:  # (H,) or (B, H) slopes
+        slopes = alibi.to(s.dtype)[..., None, None]
+        s = s - slopes * (rows + spec.offset - cols).abs().to(s.dtype)
     if bias is not None:  # broadcasts over its size-1 dims
         b = bias if bias.shape[2] == 1 else bias[:, :, sl]
-        if b.dtype == torch.bool:
-            s = s.masked_fill(~b, float("-inf"))
-        else:
-            s = s + b.to(s.dtype)
-    if spec.causal:
-        rows = torch.arange(sl.start, sl.start + s.shape[2], device=q.device)
-        cols = torch.arange(k.shape[2], device=q.device)
-        s = s.masked_fill(cols[None, :] > rows[:, None] + spec.causal_offset, float("-inf"))
+        s = s.masked_fill(~b, float("-inf")) if b.dtype == torch.bool else s + b.to(s.dtype)
+    if spec.window_left >= 0:
+        s = s.masked_fill(cols < rows + spec.offset - spec.window_left, float("-inf"))
+    if spec.window_right >= 0:
+        s = s.masked_fill(cols > rows + spec.offset + spec.window_right, float("-inf"))
     return s
 
 
@@ -61,17 +66,16 @@ def _keep(shape: torch.Size, spec: AttnSpec, chunk: int, device: torch.device) -
     return (torch.rand(shape, generator=gen) >= spec.dropout_p).to(device)
 
 
-def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-             spec: AttnSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def _dense_fwd(q, k, v, bias, alibi, spec):
     B, H, Sq, _ = q.shape
     cdt = _compute_dtype(q.dtype)
     qc, kc, vc = q.to(cdt), _expand_kv(k, H).to(cdt), _expand_kv(v, H).to(cdt)
-    o = torch.empty_like(q)
+    o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, H, Sq, device=q.device, dtype=torch.float32)
     chunks = _row_chunks(B * H, Sq, kc.shape[2])
     for i, start in enumerate(chunks):
         sl = slice(start, min(start + chunks.step, Sq))
-        s = _scores(qc, kc, bias, spec, sl)
+        s = _scores(qc, kc, bias, alibi, spec, sl)
         lse_c = torch.logsumexp(s, dim=-1)
         p = torch.exp(s - torch.where(torch.isneginf(lse_c), torch.inf, lse_c)[..., None])
         if spec.dropout_p > 0:
@@ -81,9 +85,7 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tens
     return o, lse
 
 
-def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-             lse: torch.Tensor, dlse: torch.Tensor | None, bias: torch.Tensor | None, need_dbias: bool,
-             spec: AttnSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def _dense_bwd(do, q, k, v, o, lse, dlse, bias, alibi, need_dbias, spec):
     B, H, Sq, _ = q.shape
     H_kv, Sk = k.shape[1], k.shape[2]
     cdt = _compute_dtype(q.dtype)
@@ -91,7 +93,7 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     delta = (o.to(cdt) * do.to(cdt)).sum(-1)
     if dlse is not None:
         delta = delta - dlse.to(cdt)
-    dq = torch.empty_like(q)
+    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     dk = torch.zeros(B, H, Sk, q.shape[3], device=q.device, dtype=cdt)
     dv = torch.zeros_like(dk)
     dbias = torch.zeros(bias.shape, device=q.device, dtype=cdt) if need_dbias else None
@@ -100,7 +102,8 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         sl = slice(start, min(start + chunks.step, Sq))
         doc = do[:, :, sl].to(cdt)
         lse_c = lse[:, :, sl].to(cdt)
-        p = torch.exp(_scores(qc, kc, bias, spec, sl) - torch.where(torch.isneginf(lse_c), torch.inf, lse_c)[..., None])
+        s = _scores(qc, kc, bias, alibi, spec, sl)
+        p = torch.exp(s - torch.where(torch.isneginf(lse_c), torch.inf, lse_c)[..., None])
         dp = torch.matmul(doc, vc.transpose(-1, -2))
         if spec.dropout_p > 0:
             keep = _keep(p.shape, spec, i, q.device) / (1.0 - spec.dropout_p)
@@ -109,8 +112,6 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         else:
             dv += torch.matmul(p.transpose(-1, -2), doc)
         ds = p * (dp - delta[:, :, sl, None])
-        dq[:, :, sl] = (torch.matmul(ds, kc) * spec.scale).to(q.dtype)
-        dk += torch.matmul(ds.transpose(-1, -2), qc[:, :, sl]) * spec.scale
         if dbias is not None:
             reduce = [d for d in (0, 1, 3) if bias.shape[d] == 1 and ds.shape[d] > 1]
             g = ds.sum(reduce, keepdim=True) if reduce else ds
@@ -118,7 +119,68 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                 dbias += g.sum(2, keepdim=True)
             else:
                 dbias[:, :, sl] += g
+        if spec.softcap > 0:  # d(c tanh(x / c))/dx = 1 - tanh^2
+            raw = torch.matmul(qc[:, :, sl], kc.transpose(-1, -2)) * spec.scale
+            ds = ds * (1 - torch.tanh(raw / spec.softcap) ** 2)
+        dq[:, :, sl] = (torch.matmul(ds, kc) * spec.scale).to(q.dtype)
+        dk += torch.matmul(ds.transpose(-1, -2), qc[:, :, sl]) * spec.scale
     if H_kv != H:  # GQA: each K/V head's gradient is the sum over the query heads it served
         dk = dk.view(B, H_kv, H // H_kv, Sk, -1).sum(2)
         dv = dv.view(B, H_kv, H // H_kv, Sk, -1).sum(2)
     return dq, dk.to(k.dtype), dv.to(v.dtype), dbias
+
+
+def _sequences(seq: SeqLayout):
+    """(index, q slice, k slice, bottom-right offset) per packed sequence."""
+    cu_q, cu_k = seq.cu_seqlens_q.tolist(), seq.cu_seqlens_k.tolist()
+    for b in range(len(cu_q) - 1):
+        sq, sk = cu_q[b + 1] - cu_q[b], cu_k[b + 1] - cu_k[b]
+        yield b, slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1]), sk - sq
+
+
+def _slopes(alibi: torch.Tensor | None, b: int) -> torch.Tensor | None:
+    return None if alibi is None else (alibi if alibi.dim() == 1 else alibi[b : b + 1])
+
+
+def _cache_kv(t: torch.Tensor, seq: SeqLayout, b: int) -> torch.Tensor:
+    """The valid keys (or values) of sequence b of a KV cache, as (1, H_kv, L, D)."""
+    length = int(seq.seqlens_k[b])
+    if seq.block_table is None:
+        return t[b : b + 1, :, :length]
+    page = t.shape[2]
+    pages = seq.block_table[b, : (length + page - 1) // page].long()
+    return t[pages].permute(1, 0, 2, 3).reshape(1, t.shape[1], -1, t.shape[3])[:, :, :length]
+
+
+def attn_fwd(q, k, v, bias, alibi, spec: AttnSpec, seq: SeqLayout):
+    from dataclasses import replace
+
+    if seq.mode == 0:
+        return _dense_fwd(q, k, v, bias, alibi, spec)
+    if seq.mode == 1:
+        o = torch.empty_like(q.transpose(1, 2)[0]).unsqueeze(0).transpose(1, 2)
+        lse = torch.empty(q.shape[1], q.shape[2], device=q.device, dtype=torch.float32)
+        for b, sq, sk, offset in _sequences(seq):
+            o_b, lse_b = _dense_fwd(q[:, :, sq], k[:, :, sk], v[:, :, sk], None, _slopes(alibi, b),
+                                    replace(spec, offset=offset))
+            o[:, :, sq], lse[:, sq] = o_b, lse_b[0]
+        return o, lse
+    outs = [_dense_fwd(q[b : b + 1], _cache_kv(k, seq, b), _cache_kv(v, seq, b), None, _slopes(alibi, b),
+                       replace(spec, offset=int(seq.seqlens_k[b]) - q.shape[2])) for b in range(q.shape[0])]
+    return torch.cat([o for o, _ in outs]), torch.cat([lse for _, lse in outs])
+
+
+def attn_bwd(do, q, k, v, o, lse, dlse, bias, alibi, need_dbias, spec: AttnSpec, seq: SeqLayout):
+    from dataclasses import replace
+
+    if seq.mode == 0:
+        return _dense_bwd(do, q, k, v, o, lse, dlse, bias, alibi, need_dbias, spec)
+    dq = torch.zeros_like(q.transpose(1, 2)[0]).unsqueeze(0).transpose(1, 2)
+    dk = torch.zeros_like(k.transpose(1, 2)[0]).unsqueeze(0).transpose(1, 2)
+    dv = torch.zeros_like(v.transpose(1, 2)[0]).unsqueeze(0).transpose(1, 2)
+    for b, sq, sk, offset in _sequences(seq):
+        dlse_b = None if dlse is None else dlse[None, :, sq]
+        g = _dense_bwd(do[:, :, sq], q[:, :, sq], k[:, :, sk], v[:, :, sk], o[:, :, sq], lse[None, :, sq], dlse_b,
+                       None, _slopes(alibi, b), False, replace(spec, offset=offset))
+        dq[:, :, sq], dk[:, :, sk], dv[:, :, sk] = g[0], g[1], g[2]
+    return dq, dk, dv, None

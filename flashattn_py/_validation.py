@@ -87,3 +87,61 @@ def check_dropout(dropout_p: object) -> float:
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     return float(dropout_p)
+
+
+def check_window(window: object, causal: bool) -> tuple[int, int]:
+    """(left, right) with -1 = unbounded; causal forces right = 0."""
+    if (not isinstance(window, (tuple, list)) or len(window) != 2
+            or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
+        raise TypeError(f"window must be a (left, right) pair of ints, got {window!r}")
+    left, right = window
+    for side, w in (("left", left), ("right", right)):
+        if w < -1:
+            raise ValueError(f"window {side} must be >= 0, or -1 for unbounded, got {w}")
+    if causal:
+        right = 0 if right == -1 else min(right, 0)
+    return left, right
+
+
+def check_softcap(softcap: object) -> float:
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be a finite number >= 0 (0 = off), got {softcap}")
+    return float(softcap)
+
+
+def check_alibi(slopes: object, batch: int, heads: int, device: torch.device) -> torch.Tensor | None:
+    """None, or float32 slopes of shape (H,) or (B, H) on the inputs' device."""
+    if slopes is None:
+        return None
+    if not isinstance(slopes, torch.Tensor):
+        raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(slopes).__name__}")
+    if tuple(slopes.shape) not in ((heads,), (batch, heads)):
+        raise ValueError(f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}), got {tuple(slopes.shape)}")
+    if not slopes.is_floating_point():
+        raise TypeError(f"alibi_slopes must be floating point, got {slopes.dtype}")
+    if slopes.device != device:
+        raise ValueError(f"alibi_slopes must be on the inputs' device {device}, got {slopes.device}")
+    return slopes.to(torch.float32)
+
+
+def check_cu_seqlens(cu: object, name: str, total: int, max_seqlen: object, device: torch.device) -> int:
+    """Validate cumulative sequence lengths; returns the number of sequences. Syncs once to read them."""
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
+        raise ValueError(f"{name} must be a 1-D int32 tensor of B + 1 offsets, got {cu.dtype} {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on the inputs' device {device}, got {cu.device}")
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+        raise TypeError(f"max_seqlen for {name} must be a non-negative int, got {max_seqlen!r}")
+    values = cu.tolist()
+    if values[0] != 0 or any(b < a for a, b in zip(values, values[1:], strict=False)):
+        raise ValueError(f"{name} must start at 0 and never decrease, got {values[:8]}{'...' if len(values) > 8 else ''}")
+    if values[-1] > total:
+        raise ValueError(f"{name} ends at {values[-1]} but the packed tensor has {total} rows")
+    longest = max((b - a for a, b in zip(values, values[1:], strict=False)), default=0)
+    if longest > max_seqlen:
+        raise ValueError(f"max_seqlen for {name} is {max_seqlen} but a sequence has {longest} tokens")
+    return len(values) - 1

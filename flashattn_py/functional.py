@@ -7,23 +7,44 @@ from typing import Literal, overload
 
 import torch
 
-from ._validation import causal_offset, check_causal, check_dropout, check_qkv, check_scale
-from .ops import BIAS_BOOL, BIAS_FLOAT, BIAS_NONE, AttnSpec, FlashAttnFunction
+from ._validation import (
+    causal_offset,
+    check_alibi,
+    check_causal,
+    check_cu_seqlens,
+    check_dropout,
+    check_qkv,
+    check_scale,
+    check_softcap,
+    check_window,
+)
+from .ops import BIAS_BOOL, BIAS_FLOAT, BIAS_NONE, AttnSpec, FlashAttnFunction, SeqLayout
 
 Causal = bool | Literal["top_left", "bottom_right"]
 
 
+Window = tuple[int, int]
+
+
 @overload
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: Causal = ...,
-              scale: float | None = ..., return_lse: Literal[False] = ...) -> torch.Tensor: ...
+              scale: float | None = ..., return_lse: Literal[False] = ..., window: Window = ...,
+              alibi_slopes: torch.Tensor | None = ..., softcap: float = ...) -> torch.Tensor: ...
 @overload
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: Causal = ...,
-              scale: float | None = ..., return_lse: Literal[True]) -> tuple[torch.Tensor, torch.Tensor]: ...
+              scale: float | None = ..., return_lse: Literal[True], window: Window = ...,
+              alibi_slopes: torch.Tensor | None = ..., softcap: float = ...) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: Causal = False,
-              scale: float | None = None, return_lse: bool = False):
-    """Exact scaled-dot-product attention, ``softmax(scale · q kᵀ) v``, fused (no Sq×Sk tensor).
+              scale: float | None = None, return_lse: bool = False, window: Window = (-1, -1),
+              alibi_slopes: torch.Tensor | None = None, softcap: float = 0.0):
+    """Exact scaled-dot-product attention, ``softmax(scores) v``, fused (no Sq×Sk tensor).
+
+    Scores are ``s = scale · q kᵀ``; then softcap ``s = c · tanh(s / c)`` if
+    ``softcap = c > 0``; then ALiBi adds ``-slope_h · |i + off - j|``; then the
+    masks (causal, window). ``off`` is the alignment offset: 0 for top-left,
+    ``Sk - Sq`` for ``causal="bottom_right"``.
 
     Args:
         q: ``(B, H, Sq, D)``. k, v: ``(B, H_kv, Sk, D)`` with ``H`` a multiple of
@@ -37,13 +58,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: Caus
             ``"bottom_right"``: keys ``j <= i + Sk - Sq`` (FlashAttention's alignment,
             the one a KV cache needs). The two agree when ``Sq == Sk``.
         scale: multiplies the scores; default ``1 / sqrt(D)``.
-        return_lse: also return the row log-sum-exp of the scaled, masked scores,
+        return_lse: also return the row log-sum-exp of the final scores,
             ``(B, H, Sq)`` float32, natural log. It is differentiable.
+        window: ``(left, right)``: query i sees keys ``i + off - left <= j <= i + off + right``;
+            ``-1`` leaves a side unbounded. Causal forces ``right = 0``. Key blocks
+            outside the window are skipped, so the cost is O(S · window).
+        alibi_slopes: ``(H,)`` or ``(B, H)`` float32 slopes; the bias is computed
+            in the kernel from positions, nothing Sq×Sk is stored.
+        softcap: ``c > 0`` caps the scores at ``±c`` smoothly (Gemma 2, Grok); 0 = off.
 
     Returns:
         ``out`` ``(B, H, Sq, D)`` in q's dtype (and strides when q is dense), or
-        ``(out, lse)``. A query row that sees no key (bottom-right with Sq > Sk, or
-        Sk = 0) gets output 0, lse ``-inf`` and zero gradients, never NaN.
+        ``(out, lse)``. A query row that sees no key (bottom-right with Sq > Sk, a
+        window that excludes every key, or Sk = 0) gets output 0, lse ``-inf`` and
+        zero gradients, never NaN.
 
     CUDA tensors run the Triton kernels; CPU tensors run them through Triton's
     interpreter when ``TRITON_INTERPRET=1`` was set before the first call, and a
@@ -56,9 +84,51 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: Caus
     sm_scale = check_scale(scale, q.shape[-1])
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    spec = AttnSpec(scale=sm_scale, causal=bool(causal_mode),
-                    causal_offset=causal_offset(causal_mode, q.shape[2], k.shape[2]))
-    out, lse = FlashAttnFunction.apply(q, k, v, None, spec)
+    left, right = check_window(window, bool(causal_mode))
+    cap = check_softcap(softcap)
+    slopes = check_alibi(alibi_slopes, q.shape[0], q.shape[1], q.device)
+    spec = AttnSpec(scale=sm_scale, offset=causal_offset(causal_mode, q.shape[2], k.shape[2]),
+                    window_left=left, window_right=right, softcap=cap)
+    out, lse = FlashAttnFunction.apply(q, k, v, None, slopes, spec)
+    return (out, lse) if return_lse else out
+
+
+def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int, *, causal: bool = False,
+                     scale: float | None = None, return_lse: bool = False, window: Window = (-1, -1),
+                     alibi_slopes: torch.Tensor | None = None, softcap: float = 0.0):
+    """Attention over a batch of sequences of different lengths, packed without padding.
+
+    q ``(total_q, H, D)``, k and v ``(total_k, H_kv, D)``; sequence b owns rows
+    ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` of q and ``cu_seqlens_k[b]:cu_seqlens_k[b+1]``
+    of k and v (int32, ``(B + 1,)``, starting at 0, non-decreasing);
+    ``max_seqlen_q``/``max_seqlen_k`` bound the lengths. Each sequence attends only
+    to itself; causal masks and windows are bottom-right aligned per sequence
+    (``off = Sk_b - Sq_b``). Other options as in `attention` (ALiBi slopes may be
+    ``(B, H)`` per sequence). Returns ``(total_q, H, D)`` (and the LSE ``(H, total_q)``).
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise ValueError(f"{name} must be a 3-D (total_tokens, heads, head_dim) tensor, got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))  # (1, H, total, D) views, no copies
+    check_qkv(q4, k4, v4)
+    batch = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, q.device)
+    if check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, q.device) != batch:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+                         f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool (varlen is bottom-right aligned per sequence), got {causal!r}")
+    left, right = check_window(window, causal)
+    slopes = check_alibi(alibi_slopes, batch, q.shape[1], q.device)
+    spec = AttnSpec(scale=check_scale(scale, q.shape[-1]), window_left=left, window_right=right,
+                    softcap=check_softcap(softcap))
+    seq = SeqLayout(mode=1, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                    max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k))
+    out, lse = FlashAttnFunction.apply(q4, k4, v4, None, slopes, spec, seq)
+    out = out.transpose(1, 2)[0]  # (total_q, H, D)
     return (out, lse) if return_lse else out
 
 
@@ -142,7 +212,7 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         bias = _mask_as_bias(attn_mask, query, key.shape[-2])
 
     seed = int(torch.randint(0, 2**62, ()).item()) if dropout > 0 else 0  # torch's CPU RNG: manual_seed works
-    spec = AttnSpec(scale=sm_scale, causal=is_causal, causal_offset=0, bias_kind=bias_kind,
+    spec = AttnSpec(scale=sm_scale, window_right=0 if is_causal else -1, bias_kind=bias_kind,
                     dropout_p=dropout, seed=seed)
-    out, _ = FlashAttnFunction.apply(q4, k4, v4, bias, spec)
+    out, _ = FlashAttnFunction.apply(q4, k4, v4, bias, None, spec)
     return out.reshape(*query.shape[:-1], out.shape[-1])

@@ -139,8 +139,9 @@ class MultiheadAttention(nn.MultiheadAttention):
         dropout_p = self.dropout if self.training else 0.0
         seed = int(torch.randint(0, 2**62, ()).item()) if dropout_p > 0 else 0
         scale = 1.0 / math.sqrt(hd)
-        spec = AttnSpec(scale=scale, causal=causal_fast_path, bias_kind=bias_kind, dropout_p=dropout_p, seed=seed)
-        out, lse = FlashAttnFunction.apply(q, k, v, bias, spec)  # (N, H, L, hd), (N, H, L)
+        spec = AttnSpec(scale=scale, window_right=0 if causal_fast_path else -1, bias_kind=bias_kind,
+                        dropout_p=dropout_p, seed=seed)
+        out, lse = FlashAttnFunction.apply(q, k, v, bias, None, spec)  # (N, H, L, hd), (N, H, L)
 
         attn = self.out_proj(out.transpose(1, 2).reshape(N, L, E))  # (N, L, E)
         attn = attn if (batched and self.batch_first) else attn.transpose(0, 1)

@@ -128,19 +128,48 @@ def _bhs_strides(t: torch.Tensor) -> tuple[int, int, int]:
 class AttnSpec:
     """Everything about one attention call except its tensors.
 
-    Query i sees key j iff j <= i + causal_offset (when causal). bias_kind: 0 none,
-    1 boolean mask (True = take part), 2 additive float bias. Dropout keeps each
-    probability with chance 1 - dropout_p, from a Philox stream keyed by `seed`.
+    Query i sees key j iff i + offset - window_left <= j <= i + offset + window_right
+    (-1 = no bound on that side; causal is window_right = 0). softcap > 0 applies
+    c * tanh(s / c) to the scores. bias_kind: 0 none, 1 boolean mask (True = take
+    part), 2 additive float bias. Dropout keeps each probability with chance
+    1 - dropout_p, from a Philox stream keyed by `seed`.
     """
 
     scale: float
-    causal: bool = False
-    causal_offset: int = 0
+    offset: int = 0
+    window_left: int = -1
+    window_right: int = -1
+    softcap: float = 0.0
     bias_kind: int = 0
     dropout_p: float = 0.0
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class SeqLayout:
+    """How sequences sit in the q/k/v tensors.
+
+    mode 0: dense (B, H, S, D). mode 1: packed sequences, q/k/v given as
+    (1, H, total, D) views with cu_seqlens_q/k (int32, B + 1) and the longest
+    lengths; alignment is bottom-right per sequence. mode 2: a KV cache with
+    seqlens_k (int32, B) valid keys per sequence, optionally paged through
+    block_table (int32, B x pages); bottom-right aligned.
+    """
+
+    mode: int = 0
+    cu_seqlens_q: torch.Tensor | None = None
+    cu_seqlens_k: torch.Tensor | None = None
+    max_seqlen_q: int = 0
+    max_seqlen_k: int = 0
+    seqlens_k: torch.Tensor | None = None
+    block_table: torch.Tensor | None = None
+
+    @property
+    def batch(self) -> int:
+        return self.cu_seqlens_q.numel() - 1
+
+
+DENSE = SeqLayout()
 BIAS_NONE, BIAS_BOOL, BIAS_FLOAT = 0, 1, 2
 
 
@@ -154,91 +183,171 @@ def _bias_args(bias: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> t
     return (full, *full.stride())
 
 
+def _alibi_args(alibi: torch.Tensor | None, q: torch.Tensor) -> tuple:
+    """(slopes, stride_b, stride_h): (H,) slopes broadcast over the batch with stride 0."""
+    if alibi is None:
+        return (q, 0, 0)
+    if alibi.dim() == 1:
+        return (alibi, 0, alibi.stride(0))
+    return (alibi, alibi.stride(0), alibi.stride(1))
+
+
+def _score_args(spec: AttnSpec) -> tuple[float, float]:
+    """(qk_scale, softcap_log2) as the kernels' _score_mods wants them."""
+    if spec.softcap > 0:
+        return spec.scale / spec.softcap, spec.softcap * _LOG2E
+    return spec.scale * _LOG2E, 0.0
+
+
+def _features(spec: AttnSpec, alibi: torch.Tensor | None) -> dict:
+    return dict(HAS_LEFT=spec.window_left >= 0, HAS_RIGHT=spec.window_right >= 0, SOFTCAP=spec.softcap > 0,
+                ALIBI_ON=alibi is not None, BIAS_KIND=spec.bias_kind, DROPOUT=spec.dropout_p > 0)
+
+
 def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-               spec: AttnSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """O (like q) and LSE ((B, H, Sq) float32, natural log) from the forward kernel."""
+               alibi: torch.Tensor | None, spec: AttnSpec, seq: SeqLayout = DENSE,
+               num_splits: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """O and LSE (natural log, float32) from the forward kernel.
+
+    Dense: O like q, LSE (B, H, Sq). Packed (seq.mode 1, q/k/v as (1, H, total, D)
+    views): O (1, H, total, D) view of a packed (total, H, D) tensor, LSE (H, total).
+    num_splits > 1 (KV cache): partial results merged here by their LSE.
+    """
     kernels = _get_kernels()
-    B, H, Sq, D = q.shape
-    Sk = k.shape[2]
-    o = torch.empty_like(q)
-    lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
+    _, H, Sq, D = q.shape
+    packed = seq.mode == 1
+    B = seq.batch if packed else q.shape[0]
+    max_q = seq.max_seqlen_q if packed else Sq
+    seqlen_k = k.shape[2] if seq.block_table is None else seq.block_table.shape[1] * k.shape[2]
     block_d = _block_d(D)
     bias_t, *bias_strides = _bias_args(bias, q, k)
+    alibi_t, *alibi_strides = _alibi_args(alibi, q)
+    qk_scale, softcap_log2 = _score_args(spec)
+    if packed:
+        o = torch.empty_like(q.transpose(1, 2)[0]).unsqueeze(0).transpose(1, 2)  # packed (total, H, D) underneath
+        lse = torch.empty((H, Sq), device=q.device, dtype=torch.float32)
+        o_strides, lse_strides = (0, 0, o.stride(1), o.stride(2)), (0, 0, Sq)
+    elif num_splits > 1:
+        o = torch.empty((num_splits, B, H, Sq, D), device=q.device, dtype=torch.float32)
+        lse = torch.empty((num_splits, B, H, Sq), device=q.device, dtype=torch.float32)
+        o_strides, lse_strides = o.stride()[:4], lse.stride()[:3]
+    else:
+        o = torch.empty_like(q)
+        lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
+        o_strides, lse_strides = (0, *o.stride()[:3]), (0, *lse.stride()[:2])
+    q_strides = (0, q.stride(1), q.stride(2)) if packed else _bhs_strides(q)
+    k_strides = (0, k.stride(1), k.stride(2)) if packed else _bhs_strides(k)
+    v_strides = (0, v.stride(1), v.stride(2)) if packed else _bhs_strides(v)
+    table = seq.block_table if seq.block_table is not None else q
+    table_strides = seq.block_table.stride() if seq.block_table is not None else (0, 0)
+    cu_q = seq.cu_seqlens_q if packed else q
+    cu_k = seq.cu_seqlens_k if packed else q
+    seqlens_k = seq.seqlens_k if seq.seqlens_k is not None else q
+    page_size = k.shape[2] if seq.block_table is not None else 1
 
     def constexprs(cfg):
-        return dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, CAUSAL=spec.causal,
-                    BIAS_KIND=spec.bias_kind, DROPOUT=spec.dropout_p > 0, EVEN_M=Sq % cfg.block_m == 0,
-                    EVEN_D=block_d == D, DOT_PRECISION=_dot_precision(q.dtype))
+        return dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SEQ_MODE=seq.mode,
+                    PAGED=seq.block_table is not None, EVEN_M=not packed and Sq % cfg.block_m == 0,
+                    EVEN_D=block_d == D, DOT_PRECISION=_dot_precision(q.dtype), **_features(spec, alibi))
 
+    configs = _configs("fwd", q, block_d)
+    if num_splits > 1:  # split boundaries must fall on key blocks: keep one BLOCK_N
+        configs = [c for c in configs if c.block_n == configs[0].block_n]
+        split_len = triton.cdiv(triton.cdiv(seqlen_k, num_splits), configs[0].block_n) * configs[0].block_n
+    else:
+        split_len = max(seqlen_k, 1)
     with _device_of(q):
         _launch("attn_fwd", kernels._attn_fwd,
-                (q, k, v, o, lse, bias_t, *_bhs_strides(q), *_bhs_strides(k),
-                 *_bhs_strides(v), *_bhs_strides(o), *bias_strides,
-                 H, H // k.shape[1], Sq, Sk, spec.causal_offset, spec.scale * _LOG2E, spec.dropout_p, spec.seed),
-                lambda cfg: (triton.cdiv(Sq, cfg.block_m), B * H), constexprs,
-                _configs("fwd", q, block_d), (block_d, q.dtype, _capability(q)))
+                (q, k, v, o, lse, bias_t, alibi_t, cu_q, cu_k, seqlens_k, table,
+                 *q_strides, *k_strides, *v_strides, *o_strides, *lse_strides, *bias_strides, *alibi_strides,
+                 *table_strides, H, H // k.shape[1], Sq, seqlen_k, spec.offset, spec.window_left, spec.window_right,
+                 qk_scale, softcap_log2, spec.dropout_p, spec.seed, page_size, split_len),
+                lambda c: (triton.cdiv(max_q, c.block_m), B * H, max(num_splits, 1)), constexprs, configs,
+                (block_d, q.dtype, _capability(q), num_splits > 1))
+    if num_splits > 1:  # flash-decoding: merge the splits by their log-sum-exp
+        lse_all = torch.logsumexp(lse, dim=0)
+        weights = torch.exp(lse - torch.where(torch.isneginf(lse_all), torch.inf, lse_all))
+        return (weights[..., None] * o).sum(0).to(q.dtype), lse_all
     return o, lse
 
 
 def triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-               lse: torch.Tensor, dlse: torch.Tensor | None, bias: torch.Tensor | None, need_dbias: bool,
-               spec: AttnSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+               lse: torch.Tensor, dlse: torch.Tensor | None, bias: torch.Tensor | None, alibi: torch.Tensor | None,
+               need_dbias: bool, spec: AttnSpec, seq: SeqLayout = DENSE,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """dQ, dK, dV (like q, k, v) and dBias (bias's shape, float32) from the backward kernels."""
     kernels = _get_kernels()
-    B, H, Sq, D = q.shape
+    _, H, Sq, D = q.shape
+    packed = seq.mode == 1
+    B = seq.batch if packed else q.shape[0]
     H_kv, Sk = k.shape[1], k.shape[2]
+    max_q = seq.max_seqlen_q if packed else Sq
+    max_k = seq.max_seqlen_k if packed else Sk
     kv_group = H // H_kv
     block_d = _block_d(D)
     even_d = block_d == D
     precision = _dot_precision(q.dtype)
     cache_key = (block_d, q.dtype, _capability(q))
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = (torch.empty_like(t.transpose(1, 2)[0]).unsqueeze(0).transpose(1, 2) if packed
+                  else torch.empty_like(t) for t in (q, k, v))
     delta = torch.empty_like(lse)
     if dlse is not None:
         dlse = dlse.contiguous()
-    qk_scale = spec.scale * _LOG2E
+    qk_scale, softcap_log2 = _score_args(spec)
     pre_block = _config.PREPROCESS_BLOCK_M if q.is_cuda else _config.INTERPRETER_PREPROCESS_BLOCK_M
     bias_t, *bias_strides = _bias_args(bias, q, k)
-    features = dict(CAUSAL=spec.causal, BIAS_KIND=spec.bias_kind, DROPOUT=spec.dropout_p > 0)
-    runtime = (H, kv_group, Sq, Sk, spec.causal_offset, qk_scale, spec.scale, spec.dropout_p, spec.seed)
+    alibi_t, *alibi_strides = _alibi_args(alibi, q)
+    features = _features(spec, alibi)
+    strides = [(0, t.stride(1), t.stride(2)) if packed else _bhs_strides(t) for t in (q, k, v, do, dq, dk, dv)]
+    lse_strides = (0, Sq) if packed else lse.stride()[:2]
+    cu_q = seq.cu_seqlens_q if packed else q
+    cu_k = seq.cu_seqlens_k if packed else q
+    runtime = (H, kv_group, Sq, Sk, spec.offset, spec.window_left, spec.window_right, qk_scale, softcap_log2,
+               spec.scale, spec.dropout_p, spec.seed)
+    o4 = o
+    pre_batch = 1 if packed else B  # the preprocess is row-wise: packed rows are one long "sequence"
 
     with _device_of(q):
         _launch("attn_bwd_preprocess", kernels._attn_bwd_preprocess,
-                (o, do, dlse if dlse is not None else delta, delta, *_bhs_strides(o), *_bhs_strides(do), H, Sq),
-                lambda cfg: (triton.cdiv(Sq, pre_block), B * H),
+                (o4, do, dlse if dlse is not None else delta, delta, *_bhs_strides(o4), *_bhs_strides(do), H, Sq),
+                lambda cfg: (triton.cdiv(Sq, pre_block), pre_batch * H),
                 lambda cfg: dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_block, HAS_DLSE=dlse is not None,
                                  EVEN_M=Sq % pre_block == 0, EVEN_D=even_d),
                 [_config.KernelConfig(pre_block, pre_block, 4, 1)], cache_key)
         _launch("attn_bwd_dkdv", kernels._attn_bwd_dkdv,
-                (q, k, v, do, lse, delta, dk, dv, bias_t, *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v),
-                 *_bhs_strides(do), *_bhs_strides(dk), *_bhs_strides(dv), *bias_strides, *runtime),
-                lambda cfg: (triton.cdiv(Sk, cfg.block_n), B * H_kv),
+                (q, k, v, do, lse, delta, dk, dv, bias_t, alibi_t, cu_q, cu_k, *strides[0], *strides[1],
+                 *strides[2], *strides[3], *strides[5], *strides[6], *lse_strides, *bias_strides, *alibi_strides,
+                 *runtime),
+                lambda cfg: (triton.cdiv(max_k, cfg.block_n), B * H_kv),
                 lambda cfg: dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                 EVEN_M=Sq % cfg.block_m == 0, EVEN_N=Sk % cfg.block_n == 0,
-                                 EVEN_D=even_d, DOT_PRECISION=precision, **features),
+                                 SEQ_MODE=seq.mode, EVEN_M=not packed and Sq % cfg.block_m == 0,
+                                 EVEN_N=not packed and Sk % cfg.block_n == 0, EVEN_D=even_d,
+                                 DOT_PRECISION=precision, **features),
                 _configs("dkdv", q, block_d), cache_key)
         _launch("attn_bwd_dq", kernels._attn_bwd_dq,
-                (q, k, v, do, lse, delta, dq, bias_t, *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v),
-                 *_bhs_strides(do), *_bhs_strides(dq), *bias_strides, *runtime),
-                lambda cfg: (triton.cdiv(Sq, cfg.block_m), B * H),
+                (q, k, v, do, lse, delta, dq, bias_t, alibi_t, cu_q, cu_k, *strides[0], *strides[1], *strides[2],
+                 *strides[3], *strides[4], *lse_strides, *bias_strides, *alibi_strides, *runtime),
+                lambda cfg: (triton.cdiv(max_q, cfg.block_m), B * H),
                 lambda cfg: dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                 EVEN_M=Sq % cfg.block_m == 0, EVEN_D=even_d, DOT_PRECISION=precision, **features),
+                                 SEQ_MODE=seq.mode, EVEN_M=not packed and Sq % cfg.block_m == 0, EVEN_D=even_d,
+                                 DOT_PRECISION=precision, **features),
                 _configs("dq", q, block_d), cache_key)
         dbias = None
         if need_dbias:
             # a bias dim of size 1 (against a larger problem dim) is summed over inside the kernel
             bcast = [bias.shape[i] == 1 and n > 1 for i, n in enumerate((B, H, Sq, Sk))]
             dbias = torch.empty(bias.shape, device=q.device, dtype=torch.float32)
+            dbias_features = {name: val for name, val in features.items() if name != "BIAS_KIND"}
             _launch("attn_bwd_dbias", kernels._attn_bwd_dbias,
-                    (q, k, v, do, lse, delta, bias_t, dbias, *_bhs_strides(q), *_bhs_strides(k), *_bhs_strides(v),
-                     *_bhs_strides(do), *bias_strides, *dbias.stride(), B, H, kv_group, Sq, Sk, spec.causal_offset,
-                     qk_scale, spec.dropout_p, spec.seed),
+                    (q, k, v, do, lse, delta, bias_t, dbias, alibi_t, *strides[0], *strides[1], *strides[2],
+                     *strides[3], *bias_strides, *dbias.stride(), *alibi_strides, B, H, kv_group, Sq, Sk,
+                     spec.offset, spec.window_left, spec.window_right, qk_scale, softcap_log2, spec.dropout_p,
+                     spec.seed),
                     lambda cfg: (1 if bcast[2] else triton.cdiv(Sq, cfg.block_m),
                                  1 if bcast[3] else triton.cdiv(Sk, cfg.block_n), dbias.shape[0] * dbias.shape[1]),
                     lambda cfg: dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                                     CAUSAL=spec.causal, DROPOUT=spec.dropout_p > 0, BCAST_B=bcast[0],
-                                     BCAST_H=bcast[1], BCAST_M=bcast[2], BCAST_N=bcast[3], EVEN_D=even_d,
-                                     DOT_PRECISION=precision),
+                                     BCAST_B=bcast[0], BCAST_H=bcast[1], BCAST_M=bcast[2], BCAST_N=bcast[3],
+                                     EVEN_D=even_d, DOT_PRECISION=precision, **dbias_features),
                     _configs("dq", q, block_d), cache_key)
     return dq, dk, dv, dbias
 
@@ -249,23 +358,27 @@ def _device_of(t: torch.Tensor):
 
 
 def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-             spec: AttnSpec) -> tuple[torch.Tensor, torch.Tensor]:
+             alibi: torch.Tensor | None, spec: AttnSpec, seq: SeqLayout = DENSE,
+             num_splits: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward on the backend `q` selects. Handles empty problems without launching anything."""
-    B, H, Sq, _ = q.shape
-    Sk = k.shape[2]
+    _, H, Sq, _ = q.shape
+    B = seq.batch if seq.mode == 1 else q.shape[0]
+    Sk = k.shape[2] if seq.block_table is None else seq.block_table.shape[1] * k.shape[2]
     if B * H * Sq == 0 or Sk == 0:  # nothing to compute; rows with no key give 0 and -inf
-        return (torch.zeros_like(q),
-                torch.full((B, H, Sq), float("-inf"), device=q.device, dtype=torch.float32))
+        lse_shape = (H, Sq) if seq.mode == 1 else (q.shape[0], H, Sq)
+        return (torch.zeros_like(q), torch.full(lse_shape, float("-inf"), device=q.device, dtype=torch.float32))
     if uses_triton(q):
-        return triton_fwd(q, k, v, bias, spec)
-    return _torch_backend.attn_fwd(q, k, v, bias, spec)
+        return triton_fwd(q, k, v, bias, alibi, spec, seq, num_splits)
+    return _torch_backend.attn_fwd(q, k, v, bias, alibi, spec, seq)
 
 
 def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-             lse: torch.Tensor, dlse: torch.Tensor | None, bias: torch.Tensor | None, need_dbias: bool,
-             spec: AttnSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+             lse: torch.Tensor, dlse: torch.Tensor | None, bias: torch.Tensor | None, alibi: torch.Tensor | None,
+             need_dbias: bool, spec: AttnSpec, seq: SeqLayout = DENSE,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Backward on the backend `q` selects: dq, dk, dv and (if asked) dbias in float32."""
-    B, H, Sq, _ = q.shape
+    _, H, Sq, _ = q.shape
+    B = seq.batch if seq.mode == 1 else q.shape[0]
     Sk = k.shape[2]
     if B * H * Sq == 0 or Sk == 0:
         dbias = torch.zeros(bias.shape, device=q.device, dtype=torch.float32) if need_dbias else None
@@ -273,33 +386,34 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if do.stride(-1) != 1:  # e.g. the expanded gradient of out.sum()
         do = do.contiguous()
     if uses_triton(q):
-        return triton_bwd(do, q, k, v, o, lse, dlse, bias, need_dbias, spec)
-    return _torch_backend.attn_bwd(do, q, k, v, o, lse, dlse, bias, need_dbias, spec)
+        return triton_bwd(do, q, k, v, o, lse, dlse, bias, alibi, need_dbias, spec, seq)
+    return _torch_backend.attn_bwd(do, q, k, v, o, lse, dlse, bias, alibi, need_dbias, spec, seq)
 
 
 class FlashAttnFunction(torch.autograd.Function):
     """Exact attention with O(S) saved state: only O and the LSE are kept for backward.
 
     `bias` is None, a bool mask or a float bias of shape (B|1, H|1, Sq|1, Sk|1);
-    a float bias that requires grad gets dBias of its own shape.
+    a float bias that requires grad gets dBias of its own shape. `alibi` (slopes)
+    and the tensors inside `seq` are not differentiated.
     """
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                spec: AttnSpec) -> tuple[torch.Tensor, torch.Tensor]:
-        o, lse = attn_fwd(q, k, v, bias, spec)
+                alibi: torch.Tensor | None, spec: AttnSpec, seq: SeqLayout = DENSE) -> tuple[torch.Tensor, torch.Tensor]:
+        o, lse = attn_fwd(q, k, v, bias, alibi, spec, seq)
         ctx.set_materialize_grads(False)  # an unused output (usually the LSE) then brings None, not zeros
-        ctx.save_for_backward(q, k, v, o, lse, bias)
-        ctx.spec = spec
+        ctx.save_for_backward(q, k, v, o, lse, bias, alibi)
+        ctx.spec, ctx.seq = spec, seq
         return o, lse
 
     @staticmethod
     def backward(ctx, do: torch.Tensor | None, dlse: torch.Tensor | None):
-        q, k, v, o, lse, bias = ctx.saved_tensors
+        q, k, v, o, lse, bias, alibi = ctx.saved_tensors
         if do is None:  # only the LSE was used downstream
             do = torch.zeros_like(o)
         need_dbias = bias is not None and ctx.needs_input_grad[3]
-        dq, dk, dv, dbias = attn_bwd(do, q, k, v, o, lse, dlse, bias, need_dbias, ctx.spec)
+        dq, dk, dv, dbias = attn_bwd(do, q, k, v, o, lse, dlse, bias, alibi, need_dbias, ctx.spec, ctx.seq)
         if dbias is not None:
             dbias = dbias.to(bias.dtype)
-        return dq, dk, dv, dbias, None
+        return dq, dk, dv, dbias, None, None, None

@@ -10,7 +10,8 @@ dL is the gradient flowing into the returned LSE (zero when LSE is not used):
 ∂L_i/∂S_ij = P_ij, so it folds into Δ for free.
 
 With a bias, S also has + bias and dBias = dS (summed over the bias's
-broadcast dims). With dropout (keep mask Z, rate p), the forward used
+broadcast dims). With softcap, S = c tanh(scale Q Kᵀ / c) and the gradient
+reaching Q Kᵀ is dS ∘ (1 - tanh²). With dropout (keep mask Z, rate p), the forward used
 P ∘ Z / (1 - p): dV = (P ∘ Z)ᵀ dO / (1 - p) and dP = Z ∘ (dO Vᵀ) / (1 - p); Δ is
 unchanged because O already carries the dropout.
 
@@ -24,7 +25,8 @@ everything broadcast onto it. Each output tile is written by exactly one program
 import triton
 import triton.language as tl
 
-from .tiles import LOG2E, _dropout_keep, _key_range, _load_row_stat, _load_rows, _query_range, _score_mods, _store_rows
+from .attn_fwd import _seq_bounds
+from .tiles import LOG2E, _band_range, _dropout_keep, _load_row_stat, _load_rows, _score_mods, _store_rows
 
 
 @triton.jit
@@ -70,13 +72,54 @@ def _lse_log2(lse):
 
 
 @triton.jit
+def _attn_bwd_ds(qk, do, v, lse2, delta, row_idx, col_idx, qk_scale, softcap_log2, alibi_slope,
+                 bias_base, stride_biasm, stride_biasn, bh, seed, dropout_p,
+                 seqlen_q, seqlen_k, offset, left, right,
+                 SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+                 KEY_BOUNDS: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr,
+                 TRANSPOSED: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """(P, dS_scores, dS_qk) for one tile from the raw dot products `qk`.
+
+    Orientation: [queries, keys], or [keys, queries] when TRANSPOSED (the dK/dV
+    pass), with row_idx / col_idx the matching index tiles and lse2 / delta
+    broadcast along the query axis. P includes the dropout scaling (it is what
+    multiplies dO into dV); dS_scores is the gradient of the final scores (what a
+    bias receives); dS_qk is the gradient reaching scale * Q Kᵀ (softcap folded in).
+    Masks go on before exp2, so hidden scores give exactly 0, never an overflow.
+    """
+    s, t = _score_mods(qk, row_idx, col_idx, qk_scale, softcap_log2, alibi_slope, bias_base, stride_biasm,
+                       stride_biasn, seqlen_q, seqlen_k, offset, left, right,
+                       SOFTCAP, ALIBI, BIAS_KIND, KEY_BOUNDS, MASK_LEFT, MASK_RIGHT)
+    if TRANSPOSED:
+        p = tl.exp2(s - lse2[None, :])
+        dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        delta_b = delta[None, :]
+    else:
+        p = tl.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        delta_b = delta[:, None]
+    p_out = p
+    if DROPOUT:  # row_idx is always the query index, col_idx the key's, whatever the orientation
+        keep = _dropout_keep(seed, bh, row_idx, col_idx, dropout_p)
+        inv_keep = 1.0 / (1.0 - dropout_p)
+        p_out = tl.where(keep, p * inv_keep, 0.0)
+        dp = tl.where(keep, dp * inv_keep, 0.0)
+    ds = p * (dp - delta_b)
+    ds_qk = ds
+    if SOFTCAP:
+        ds_qk = ds * (1.0 - t * t)
+    return p_out, ds, ds_qk
+
+
+@triton.jit
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v,
-    q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, bias_base, stride_biasm, stride_biasn,
+    q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, bias_base, stride_biasm, stride_biasn, alibi_slope,
     cols, offs_m, offs_d, bh, seed, dropout_p,
-    lo, hi, seqlen_q, seqlen_k, causal_offset, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-    MASKED: tl.constexpr, BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    lo, hi, seqlen_q, seqlen_k, offset, left, right, qk_scale, softcap_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     for start_m in range(lo, hi, BLOCK_M):
@@ -86,141 +129,130 @@ def _attn_bwd_dkdv_inner(
                        rows, seqlen_q, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
         do = _load_rows(do_base + m64 * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :],
                         rows, seqlen_q, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
-        # rows past seqlen_q read lse = -inf -> +inf below -> P = 0: they add nothing
+        # rows past seqlen_q read lse = -inf -> +inf -> P = 0: they add nothing
         lse2 = _lse_log2(_load_row_stat(lse_base + rows, rows, seqlen_q, float("-inf"), EVEN_M))
         delta = _load_row_stat(delta_base + rows, rows, seqlen_q, 0.0, EVEN_M)
-        # transposed tiles [BLOCK_N, BLOCK_M]: keys are this program's rows.
-        # Masks go on before exp2, so hidden scores give exactly 0 (never an overflowing exp2).
-        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-        qk_t = _score_mods(qk_t, rows[None, :], cols[:, None], bias_base, stride_biasm, stride_biasn,
-                           seqlen_q, seqlen_k, causal_offset, BIAS_KIND, False, MASKED)
-        p_t = tl.exp2(qk_t - lse2[None, :])
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        if DROPOUT:
-            keep_t = _dropout_keep(seed, bh, rows[None, :], cols[:, None], dropout_p)
-            inv_keep = 1.0 / (1.0 - dropout_p)
-            dv = tl.dot((tl.where(keep_t, p_t, 0.0) * inv_keep).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-            dp_t = tl.where(keep_t, dp_t * inv_keep, 0.0)
-        else:
-            dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        ds_t = p_t * (dp_t - delta[None, :])
+        # transposed tiles [BLOCK_N, BLOCK_M]: keys are this program's rows; keys past
+        # seqlen_k need no mask, their dK/dV rows are never stored
+        qk_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        p_t, _, ds_t = _attn_bwd_ds(qk_t, do, v, lse2, delta, rows[None, :], cols[:, None], qk_scale, softcap_log2,
+                                    alibi_slope, bias_base, stride_biasm, stride_biasn, bh, seed, dropout_p,
+                                    seqlen_q, seqlen_k, offset, left, right, SOFTCAP, ALIBI, BIAS_KIND, DROPOUT,
+                                    False, MASKED and HAS_LEFT, MASKED and HAS_RIGHT, True, DOT_PRECISION)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, BIAS,
+    Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, ALIBI, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
+    stride_lseb, stride_lseh,
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
-    num_heads, kv_group, seqlen_q, seqlen_k, causal_offset, qk_scale, sm_scale, dropout_p, seed,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    stride_alibib, stride_alibih,
+    num_heads, kv_group, seqlen_q, seqlen_k, offset, window_left, window_right,
+    qk_scale, softcap_log2, sm_scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
+    BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, SEQ_MODE: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dK, dV for BLOCK_N keys of one (batch, K/V head), streaming the query blocks that see them.
+    """dK, dV for BLOCK_N keys of one (sequence, K/V head), streaming the query blocks that see them.
 
     Under GQA the kv_group query heads sharing this K/V head are summed here, in
-    a fixed order: deterministic, no atomics. The grid's second axis is B * H_kv.
+    a fixed order: deterministic, no atomics. Grid: (key blocks, sequences * H_kv).
     """
     pid_n = tl.program_id(0)
     pid_bhkv = tl.program_id(1)
     num_kv_heads = num_heads // kv_group
     off_b = pid_bhkv // num_kv_heads
     off_hkv = pid_bhkv % num_kv_heads
+    q_start, k_start, sq, sk, off = _seq_bounds(CU_Q, CU_K, CU_K, off_b, seqlen_q, seqlen_k, offset, SEQ_MODE)
     b64 = tl.cast(off_b, tl.int64)
     hkv64 = tl.cast(off_hkv, tl.int64)
     start_n = pid_n * BLOCK_N
-    n64 = tl.cast(start_n, tl.int64)
+    n64 = tl.cast(k_start + start_n, tl.int64)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     cols = start_n + offs_n
 
-    # keys past seqlen_k load as 0; their dK/dV rows are computed but never stored
+    # keys past this sequence load as 0; their dK/dV rows are computed but never stored
     k = _load_rows(K + b64 * stride_kb + hkv64 * stride_kh + n64 * stride_kn
                    + offs_n[:, None] * stride_kn + offs_d[None, :],
-                   cols, seqlen_k, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
+                   cols, sk, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
     v = _load_rows(V + b64 * stride_vb + hkv64 * stride_vh + n64 * stride_vn
                    + offs_n[:, None] * stride_vn + offs_d[None, :],
-                   cols, seqlen_k, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
+                   cols, sk, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    if CAUSAL:
-        lo, mid = _query_range(start_n, seqlen_q, causal_offset, BLOCK_M, BLOCK_N)
-    else:
-        lo = 0
-        mid = 0
+    # queries that see these keys, seen from the keys' side: offset and window edges swap
+    lo, full_lo, full_hi, hi = _band_range(start_n, sq, -off, window_right, window_left, BLOCK_N, BLOCK_M,
+                                           HAS_RIGHT, HAS_LEFT)
+    hi = tl.where(start_n < sk, hi, 0)
     for g in range(0, kv_group):
         off_h = off_hkv * kv_group + g
         h64 = tl.cast(off_h, tl.int64)
         bh = off_b * num_heads + off_h
-        q_base = Q + b64 * stride_qb + h64 * stride_qh
-        do_base = DO + b64 * stride_dob + h64 * stride_doh
-        lse_base = LSE + tl.cast(bh, tl.int64) * seqlen_q
-        delta_base = DELTA + tl.cast(bh, tl.int64) * seqlen_q
+        q_base = Q + b64 * stride_qb + h64 * stride_qh + tl.cast(q_start, tl.int64) * stride_qm
+        do_base = DO + b64 * stride_dob + h64 * stride_doh + tl.cast(q_start, tl.int64) * stride_dom
+        lse_base = LSE + b64 * stride_lseb + h64 * stride_lseh + q_start
+        delta_base = DELTA + b64 * stride_lseb + h64 * stride_lseh + q_start
         bias_base = BIAS + b64 * stride_biasb + h64 * stride_biash
-        if CAUSAL:
-            # query blocks straddling the diagonal: masked
-            dk, dv = _attn_bwd_dkdv_inner(
-                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                bias_base, stride_biasm, stride_biasn, cols, offs_m, offs_d, bh, seed, dropout_p,
-                lo, mid, seqlen_q, seqlen_k, causal_offset, qk_scale,
-                HEAD_DIM, BLOCK_M, True, BIAS_KIND, DROPOUT, EVEN_M, EVEN_D, DOT_PRECISION,
-            )
-        # query blocks that see all these keys: no structural mask
+        alibi_slope = 0.0
+        if ALIBI_ON:
+            alibi_slope = tl.load(ALIBI + b64 * stride_alibib + h64 * stride_alibih).to(tl.float32)
+        # queries on the far edge of a window (only with a right bound seen from the keys): masked
         dk, dv = _attn_bwd_dkdv_inner(
             dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-            bias_base, stride_biasm, stride_biasn, cols, offs_m, offs_d, bh, seed, dropout_p,
-            mid, seqlen_q, seqlen_q, seqlen_k, causal_offset, qk_scale,
-            HEAD_DIM, BLOCK_M, False, BIAS_KIND, DROPOUT, EVEN_M, EVEN_D, DOT_PRECISION,
+            bias_base, stride_biasm, stride_biasn, alibi_slope, cols, offs_m, offs_d, bh, seed, dropout_p,
+            lo, tl.minimum(full_lo, hi), sq, sk, off, window_left, window_right, qk_scale, softcap_log2,
+            HEAD_DIM, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI_ON, BIAS_KIND, DROPOUT,
+            EVEN_M, EVEN_D, DOT_PRECISION,
+        )
+        # queries that see every key of the block: no structural mask
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+            bias_base, stride_biasm, stride_biasn, alibi_slope, cols, offs_m, offs_d, bh, seed, dropout_p,
+            tl.maximum(full_lo, lo), tl.minimum(full_hi, hi), sq, sk, off, window_left, window_right, qk_scale,
+            softcap_log2, HEAD_DIM, BLOCK_M, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI_ON, BIAS_KIND, DROPOUT,
+            EVEN_M, EVEN_D, DOT_PRECISION,
+        )
+        # the diagonal band / near edge and the ragged last query block: masked
+        dk, dv = _attn_bwd_dkdv_inner(
+            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+            bias_base, stride_biasm, stride_biasn, alibi_slope, cols, offs_m, offs_d, bh, seed, dropout_p,
+            tl.maximum(tl.maximum(full_lo, full_hi), lo), hi, sq, sk, off, window_left, window_right, qk_scale,
+            softcap_log2, HEAD_DIM, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI_ON, BIAS_KIND, DROPOUT,
+            EVEN_M, EVEN_D, DOT_PRECISION,
         )
 
     dk *= sm_scale
-    _store_rows(DK + b64 * stride_dkb + hkv64 * stride_dkh + n64 * stride_dkn
+    _store_rows(DK + b64 * stride_dkb + hkv64 * stride_dkh + tl.cast(k_start + start_n, tl.int64) * stride_dkn
                 + offs_n[:, None] * stride_dkn + offs_d[None, :],
-                dk.to(DK.dtype.element_ty), cols, seqlen_k, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
-    _store_rows(DV + b64 * stride_dvb + hkv64 * stride_dvh + n64 * stride_dvn
+                dk.to(DK.dtype.element_ty), cols, sk, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
+    _store_rows(DV + b64 * stride_dvb + hkv64 * stride_dvh + tl.cast(k_start + start_n, tl.int64) * stride_dvn
                 + offs_n[:, None] * stride_dvn + offs_d[None, :],
-                dv.to(DV.dtype.element_ty), cols, seqlen_k, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
-
-
-@triton.jit
-def _attn_bwd_ds(q, do, lse2, delta, k, v, rows, cols, bias_base, stride_biasm, stride_biasn, bh, seed, dropout_p,
-                 seqlen_q, seqlen_k, causal_offset, qk_scale,
-                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr):
-    """dS = P ∘ (dP - Δ) for a [BLOCK_M, BLOCK_N] tile, recomputing P from the LSE."""
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    # keys past seqlen_k must go too: their zero scores could overflow exp2, and 0 * inf = NaN
-    qk = _score_mods(qk, rows[:, None], cols[None, :], bias_base, stride_biasm, stride_biasn,
-                     seqlen_q, seqlen_k, causal_offset, BIAS_KIND, MASKED, MASKED and CAUSAL)
-    p = tl.exp2(qk - lse2[:, None])
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-    if DROPOUT:
-        keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], dropout_p)
-        dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
-    return p * (dp - delta[:, None])
+                dv.to(DV.dtype.element_ty), cols, sk, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
 
 
 @triton.jit
 def _attn_bwd_dq_inner(
     dq, q, do, lse2, delta,
-    k_base, v_base, stride_kn, stride_vn, bias_base, stride_biasm, stride_biasn,
+    k_base, v_base, stride_kn, stride_vn, bias_base, stride_biasm, stride_biasn, alibi_slope,
     rows, offs_n, offs_d, bh, seed, dropout_p,
-    lo, hi, seqlen_q, seqlen_k, causal_offset, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    lo, hi, seqlen_q, seqlen_k, offset, left, right, qk_scale, softcap_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -229,39 +261,45 @@ def _attn_bwd_dq_inner(
                        cols, seqlen_k, offs_d, HEAD_DIM, not MASKED, EVEN_D)
         v = _load_rows(v_base + n64 * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :],
                        cols, seqlen_k, offs_d, HEAD_DIM, not MASKED, EVEN_D)
-        ds = _attn_bwd_ds(q, do, lse2, delta, k, v, rows, cols, bias_base, stride_biasm, stride_biasn,
-                          bh, seed, dropout_p, seqlen_q, seqlen_k, causal_offset, qk_scale,
-                          MASKED, CAUSAL, BIAS_KIND, DROPOUT, DOT_PRECISION)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        # keys past seqlen_k must go too: their zero scores could overflow exp2, and 0 * inf = NaN
+        _, _, ds = _attn_bwd_ds(qk, do, v, lse2, delta, rows[:, None], cols[None, :], qk_scale, softcap_log2,
+                                alibi_slope, bias_base, stride_biasm, stride_biasn, bh, seed, dropout_p,
+                                seqlen_q, seqlen_k, offset, left, right, SOFTCAP, ALIBI, BIAS_KIND, DROPOUT,
+                                MASKED, MASKED and HAS_LEFT, MASKED and HAS_RIGHT, False, DOT_PRECISION)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, BIAS,
+    Q, K, V, DO, LSE, DELTA, DQ, BIAS, ALIBI, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_dqb, stride_dqh, stride_dqm,
+    stride_lseb, stride_lseh,
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
-    num_heads, kv_group, seqlen_q, seqlen_k, causal_offset, qk_scale, sm_scale, dropout_p, seed,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    stride_alibib, stride_alibih,
+    num_heads, kv_group, seqlen_q, seqlen_k, offset, window_left, window_right,
+    qk_scale, softcap_log2, sm_scale, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
+    BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, SEQ_MODE: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dQ for BLOCK_M queries of one (batch, head), streaming the key blocks they see."""
+    """dQ for BLOCK_M queries of one (sequence, head), streaming the key blocks they see."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     off_b = pid_bh // num_heads
     off_h = pid_bh % num_heads
+    q_start, k_start, sq, sk, off = _seq_bounds(CU_Q, CU_K, CU_K, off_b, seqlen_q, seqlen_k, offset, SEQ_MODE)
     b64 = tl.cast(off_b, tl.int64)
     h64 = tl.cast(off_h, tl.int64)
     hkv64 = tl.cast(off_h // kv_group, tl.int64)
     start_m = pid_m * BLOCK_M
-    m64 = tl.cast(start_m, tl.int64)
+    m64 = tl.cast(q_start + start_m, tl.int64)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -270,49 +308,65 @@ def _attn_bwd_dq(
 
     q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh + m64 * stride_qm
                    + offs_m[:, None] * stride_qm + offs_d[None, :],
-                   rows, seqlen_q, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
+                   rows, sq, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
     do = _load_rows(DO + b64 * stride_dob + h64 * stride_doh + m64 * stride_dom
                     + offs_m[:, None] * stride_dom + offs_d[None, :],
-                    rows, seqlen_q, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
-    row_offs = tl.cast(pid_bh, tl.int64) * seqlen_q + rows
-    lse2 = _lse_log2(_load_row_stat(LSE + row_offs, rows, seqlen_q, float("-inf"), EVEN_M))
-    delta = _load_row_stat(DELTA + row_offs, rows, seqlen_q, 0.0, EVEN_M)
+                    rows, sq, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
+    row_base = b64 * stride_lseb + h64 * stride_lseh + q_start
+    lse2 = _lse_log2(_load_row_stat(LSE + row_base + rows, rows, sq, float("-inf"), EVEN_M))
+    delta = _load_row_stat(DELTA + row_base + rows, rows, sq, 0.0, EVEN_M)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    k_base = K + b64 * stride_kb + hkv64 * stride_kh
-    v_base = V + b64 * stride_vb + hkv64 * stride_vh
+    k_base = K + b64 * stride_kb + hkv64 * stride_kh + tl.cast(k_start, tl.int64) * stride_kn
+    v_base = V + b64 * stride_vb + hkv64 * stride_vh + tl.cast(k_start, tl.int64) * stride_vn
     bias_base = BIAS + b64 * stride_biasb + h64 * stride_biash
-    full_end, hi = _key_range(start_m, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
+    alibi_slope = 0.0
+    if ALIBI_ON:
+        alibi_slope = tl.load(ALIBI + b64 * stride_alibib + h64 * stride_alibih).to(tl.float32)
+    bh = off_b * num_heads + off_h
+    lo, full_lo, full_hi, hi = _band_range(start_m, sk, off, window_left, window_right, BLOCK_M, BLOCK_N,
+                                           HAS_LEFT, HAS_RIGHT)
+    hi = tl.where(start_m < sq, hi, 0)
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, stride_biasm, stride_biasn,
-        rows, offs_n, offs_d, pid_bh, seed, dropout_p, 0, full_end, seqlen_q, seqlen_k, causal_offset, qk_scale,
-        HEAD_DIM, BLOCK_N, False, CAUSAL, BIAS_KIND, DROPOUT, EVEN_D, DOT_PRECISION,
+        alibi_slope, rows, offs_n, offs_d, bh, seed, dropout_p, lo, tl.minimum(full_lo, hi), sq, sk, off,
+        window_left, window_right, qk_scale, softcap_log2, HEAD_DIM, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+        ALIBI_ON, BIAS_KIND, DROPOUT, EVEN_D, DOT_PRECISION,
     )
     dq = _attn_bwd_dq_inner(
         dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, stride_biasm, stride_biasn,
-        rows, offs_n, offs_d, pid_bh, seed, dropout_p, full_end, hi, seqlen_q, seqlen_k, causal_offset, qk_scale,
-        HEAD_DIM, BLOCK_N, True, CAUSAL, BIAS_KIND, DROPOUT, EVEN_D, DOT_PRECISION,
+        alibi_slope, rows, offs_n, offs_d, bh, seed, dropout_p, tl.maximum(full_lo, lo), tl.minimum(full_hi, hi),
+        sq, sk, off, window_left, window_right, qk_scale, softcap_log2, HEAD_DIM, BLOCK_N, False, HAS_LEFT,
+        HAS_RIGHT, SOFTCAP, ALIBI_ON, BIAS_KIND, DROPOUT, EVEN_D, DOT_PRECISION,
+    )
+    dq = _attn_bwd_dq_inner(
+        dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, stride_biasm, stride_biasn,
+        alibi_slope, rows, offs_n, offs_d, bh, seed, dropout_p, tl.maximum(tl.maximum(full_lo, full_hi), lo), hi,
+        sq, sk, off, window_left, window_right, qk_scale, softcap_log2, HEAD_DIM, BLOCK_N, True, HAS_LEFT,
+        HAS_RIGHT, SOFTCAP, ALIBI_ON, BIAS_KIND, DROPOUT, EVEN_D, DOT_PRECISION,
     )
 
     dq *= sm_scale
     _store_rows(DQ + b64 * stride_dqb + h64 * stride_dqh + m64 * stride_dqm
                 + offs_m[:, None] * stride_dqm + offs_d[None, :],
-                dq.to(DQ.dtype.element_ty), rows, seqlen_q, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
+                dq.to(DQ.dtype.element_ty), rows, sq, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
 
 
 @triton.jit
 def _attn_bwd_dbias(
-    Q, K, V, DO, LSE, DELTA, BIAS, DBIAS,
+    Q, K, V, DO, LSE, DELTA, BIAS, DBIAS, ALIBI,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom,
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     stride_dbb, stride_dbh, stride_dbm, stride_dbn,
-    batch, num_heads, kv_group, seqlen_q, seqlen_k, causal_offset, qk_scale, dropout_p, seed,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, DROPOUT: tl.constexpr,
+    stride_alibib, stride_alibih,
+    batch, num_heads, kv_group, seqlen_q, seqlen_k, offset, window_left, window_right,
+    qk_scale, softcap_log2, dropout_p, seed,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
+    DROPOUT: tl.constexpr,
     BCAST_B: tl.constexpr, BCAST_H: tl.constexpr, BCAST_M: tl.constexpr, BCAST_N: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -320,7 +374,7 @@ def _attn_bwd_dbias(
 
     DBIAS is float32 with size 1 on broadcast dims. The grid is (row tiles,
     column tiles, DBIAS's batch*heads); a broadcast dim is looped over inside the
-    program, so every element is a fixed-order sum: deterministic.
+    program, so every element is a fixed-order sum: deterministic. Dense layout only.
     """
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -348,6 +402,9 @@ def _attn_bwd_dbias(
             hkv64 = tl.cast(off_h // kv_group, tl.int64)
             bh = off_b * num_heads + off_h
             bias_base = BIAS + b64 * stride_biasb + h64 * stride_biash
+            alibi_slope = 0.0
+            if ALIBI_ON:
+                alibi_slope = tl.load(ALIBI + b64 * stride_alibib + h64 * stride_alibih).to(tl.float32)
             for start_m in range(m_lo, m_hi, BLOCK_M):
                 rows = start_m + offs_m
                 m64 = tl.cast(start_m, tl.int64)
@@ -369,9 +426,12 @@ def _attn_bwd_dbias(
                     v = _load_rows(V + b64 * stride_vb + hkv64 * stride_vh + n64 * stride_vn
                                    + offs_n[:, None] * stride_vn + offs_d[None, :],
                                    cols, seqlen_k, offs_d, HEAD_DIM, False, EVEN_D)
-                    ds = _attn_bwd_ds(q, do, lse2, delta, k, v, rows, cols, bias_base, stride_biasm, stride_biasn,
-                                      bh, seed, dropout_p, seqlen_q, seqlen_k, causal_offset, qk_scale,
-                                      True, CAUSAL, 2, DROPOUT, DOT_PRECISION)
+                    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+                    _, ds, _ = _attn_bwd_ds(qk, do, v, lse2, delta, rows[:, None], cols[None, :], qk_scale,
+                                            softcap_log2, alibi_slope, bias_base, stride_biasm, stride_biasn, bh,
+                                            seed, dropout_p, seqlen_q, seqlen_k, offset, window_left, window_right,
+                                            SOFTCAP, ALIBI_ON, 2, DROPOUT, True, HAS_LEFT, HAS_RIGHT, False,
+                                            DOT_PRECISION)
                     if BCAST_M:
                         ds = tl.broadcast_to(tl.sum(ds, 0)[None, :], (BLOCK_M, BLOCK_N))
                     if BCAST_N:

@@ -1,42 +1,69 @@
 """Attention forward: tiled online softmax, writes O and the row log-sum-exp.
 
-One program computes BLOCK_M query rows of one (batch, head) against all the
-key blocks that row block can see. Scores live in the base-2 domain
-(`scale * log2(e)` is folded into one multiply) so the softmax uses `exp2`.
-The causal band is walked in two stages: key blocks left of the diagonal need
-no mask, the few on the diagonal (and the ragged tail block) are masked, and
-blocks right of the diagonal are never visited.
+One program computes BLOCK_M query rows of one (sequence, head) against the key
+blocks that row block can see. Scores live in the base-2 domain (`scale *
+log2(e)` folded into one multiply) so the softmax uses `exp2`. The band of
+visible keys is walked in three stages: the masked left edge of a sliding
+window, the unmasked middle, and the masked right edge (the causal diagonal and
+the ragged last block); blocks outside the band are never visited.
 
 Optional features are constexpr-specialised and cost nothing when off:
-grouped K/V heads (GQA: query head h reads K/V head h // kv_group), a bias or
-boolean mask tile loaded per block through broadcast strides, and dropout
-regenerated from a Philox seed.
+grouped K/V heads (GQA: query head h reads K/V head h // kv_group), sliding
+window / causal edges, softcap, ALiBi, a bias or boolean mask tile loaded per
+block through broadcast strides, dropout regenerated from a Philox seed,
+packed variable-length sequences (SEQ_MODE 1, cu_seqlens), per-sequence key
+lengths over a KV cache (SEQ_MODE 2), a paged KV cache (PAGED, block table),
+and split-K over the keys (flash-decoding: each split writes a partial O and LSE
+that the host merges by their LSE).
 """
 
 import triton
 import triton.language as tl
 
-from .tiles import LN2, _dropout_keep, _key_range, _load_rows, _score_mods, _store_rows
+from .tiles import LN2, _band_range, _dropout_keep, _load_rows, _score_mods, _store_rows
+
+
+@triton.jit
+def _kv_tile(base, start_n, offs_n, offs_d, stride_n, seqlen_k, table_row, stride_table, stride_page, page_size,
+             HEAD_DIM: tl.constexpr, EVEN_ROWS: tl.constexpr, EVEN_D: tl.constexpr, PAGED: tl.constexpr):
+    """K or V rows [start_n, start_n + BLOCK_N) of one head; rows >= seqlen_k read as 0.
+
+    PAGED: row j lives in page table_row[j // page_size] at slot j % page_size
+    (`base` is then the head's offset inside a page and `stride_page` a page's stride).
+    """
+    cols = start_n + offs_n
+    if PAGED:
+        page = tl.load(table_row + (cols // page_size) * stride_table, mask=cols < seqlen_k, other=0)
+        ptrs = (base + tl.cast(page, tl.int64)[:, None] * stride_page + (cols % page_size)[:, None] * stride_n
+                + offs_d[None, :])
+        tile = _load_rows(ptrs, cols, seqlen_k, offs_d, HEAD_DIM, False, EVEN_D)
+    else:
+        n64 = tl.cast(start_n, tl.int64)  # 64-bit: start_n * stride can pass 2**31 on long sequences
+        tile = _load_rows(base + n64 * stride_n + offs_n[:, None] * stride_n + offs_d[None, :],
+                          cols, seqlen_k, offs_d, HEAD_DIM, EVEN_ROWS, EVEN_D)
+    return tile
 
 
 @triton.jit
 def _attn_fwd_inner(
     acc, l_i, m_i, q,
-    k_base, v_base, stride_kn, stride_vn, bias_base, stride_biasm, stride_biasn,
+    k_base, v_base, stride_kn, stride_vn, table_row, stride_table, stride_kpage, stride_vpage, page_size,
+    bias_base, stride_biasm, stride_biasn, alibi_slope,
     rows, offs_n, offs_d, bh, seed, dropout_p,
-    lo, hi, seqlen_q, seqlen_k, causal_offset, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    lo, hi, seqlen_q, seqlen_k, offset, left, right, qk_scale, softcap_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+    BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, PAGED: tl.constexpr,
     EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        n64 = tl.cast(start_n, tl.int64)  # 64-bit: start_n * stride can pass 2**31 on long sequences
-        k = _load_rows(k_base + n64 * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :],
-                       cols, seqlen_k, offs_d, HEAD_DIM, not MASKED, EVEN_D)
-        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-        qk = _score_mods(qk, rows[:, None], cols[None, :], bias_base, stride_biasm, stride_biasn,
-                         seqlen_q, seqlen_k, causal_offset, BIAS_KIND, MASKED, MASKED and CAUSAL)
+        k = _kv_tile(k_base, start_n, offs_n, offs_d, stride_kn, seqlen_k, table_row, stride_table, stride_kpage,
+                     page_size, HEAD_DIM, not MASKED, EVEN_D, PAGED)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        qk, _ = _score_mods(qk, rows[:, None], cols[None, :], qk_scale, softcap_log2, alibi_slope,
+                            bias_base, stride_biasm, stride_biasn, seqlen_q, seqlen_k, offset, left, right,
+                            SOFTCAP, ALIBI, BIAS_KIND, MASKED, MASKED and HAS_LEFT, MASKED and HAS_RIGHT)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         if MASKED or BIAS_KIND != 0:
             # a row that has seen no key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
@@ -48,39 +75,75 @@ def _attn_fwd_inner(
         l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped entries too
         if DROPOUT:
             p = tl.where(_dropout_keep(seed, bh, rows[:, None], cols[None, :], dropout_p), p, 0.0)
-        v = _load_rows(v_base + n64 * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :],
-                       cols, seqlen_k, offs_d, HEAD_DIM, not MASKED, EVEN_D)
+        v = _kv_tile(v_base, start_n, offs_n, offs_d, stride_vn, seqlen_k, table_row, stride_table, stride_vpage,
+                     page_size, HEAD_DIM, not MASKED, EVEN_D, PAGED)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
+def _seq_bounds(CU_Q, CU_K, SEQLENS_K, off_b, seqlen_q, seqlen_k, offset, SEQ_MODE: tl.constexpr):
+    """(q_start, k_start, this sequence's Sq, Sk, alignment offset).
+
+    SEQ_MODE 0: one dense batch, offset as given. 1: packed sequences, from
+    cu_seqlens, bottom-right aligned per sequence. 2: dense queries over a KV
+    cache whose length per sequence is SEQLENS_K[b], bottom-right aligned.
+    """
+    if SEQ_MODE == 1:
+        q_start = tl.load(CU_Q + off_b)
+        k_start = tl.load(CU_K + off_b)
+        sq = tl.load(CU_Q + off_b + 1) - q_start
+        sk = tl.load(CU_K + off_b + 1) - k_start
+        off = sk - sq
+    elif SEQ_MODE == 2:
+        q_start = 0
+        k_start = 0
+        sq = seqlen_q
+        sk = tl.load(SEQLENS_K + off_b)
+        off = sk - sq
+    else:
+        q_start = 0
+        k_start = 0
+        sq = seqlen_q
+        sk = seqlen_k
+        off = offset
+    return q_start, k_start, sq, sk, off
+
+
+@triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, BIAS,
+    Q, K, V, O, LSE, BIAS, ALIBI, CU_Q, CU_K, SEQLENS_K, BLOCK_TABLE,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
-    stride_ob, stride_oh, stride_om,
+    stride_os, stride_ob, stride_oh, stride_om,
+    stride_lses, stride_lseb, stride_lseh,
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
-    num_heads, kv_group, seqlen_q, seqlen_k, causal_offset, qk_scale, dropout_p, seed,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    stride_alibib, stride_alibih,
+    stride_tableb, stride_tablep,
+    num_heads, kv_group, seqlen_q, seqlen_k, offset, window_left, window_right,
+    qk_scale, softcap_log2, dropout_p, seed, page_size, split_len,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
+    BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, SEQ_MODE: tl.constexpr, PAGED: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """O[b, h] = softmax(scale * Q Kᵀ + bias, masked) V; LSE[b, h] = natural log-sum-exp of those scores.
+    """O = softmax(scores) V and LSE = natural log-sum-exp of the scores, per query row.
 
-    qk_scale is scale * log2(e). Rows that see no key get O = 0 and LSE = -inf.
-    LSE is a contiguous (B, H, Sq) float32 tensor. With dropout, O is
-    (P ∘ keep) V / (1 - dropout_p) and LSE is that of the undropped P.
+    Grid: (query blocks, sequences * heads, splits). Query i sees key j iff
+    i + offset - window_left <= j <= i + offset + window_right (absent bounds when
+    HAS_LEFT / HAS_RIGHT are off; causal is window_right = 0). Rows that see no
+    key get O = 0 and LSE = -inf. With dropout, O is (P ∘ keep) V / (1 - p) and
+    LSE is that of the undropped P. Split s covers keys [s * split_len, (s + 1) * split_len).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    pid_s = tl.program_id(2)
     off_b = pid_bh // num_heads
     off_h = pid_bh % num_heads
     start_m = pid_m * BLOCK_M
+    q_start, k_start, sq, sk, off = _seq_bounds(CU_Q, CU_K, SEQLENS_K, off_b, seqlen_q, seqlen_k, offset, SEQ_MODE)
 
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -91,31 +154,55 @@ def _attn_fwd(
     b64 = tl.cast(off_b, tl.int64)
     h64 = tl.cast(off_h, tl.int64)
     hkv64 = tl.cast(off_h // kv_group, tl.int64)
-    m64 = tl.cast(start_m, tl.int64)
-    q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + m64 * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :]
-    k_base = K + b64 * stride_kb + hkv64 * stride_kh
-    v_base = V + b64 * stride_vb + hkv64 * stride_vh
+    m64 = tl.cast(q_start + start_m, tl.int64)
+    q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh + m64 * stride_qm
+                   + offs_m[:, None] * stride_qm + offs_d[None, :],
+                   rows, sq, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
+    if PAGED:  # K/V heads inside a page; pages come from this sequence's row of the block table
+        k_base = K + hkv64 * stride_kh
+        v_base = V + hkv64 * stride_vh
+    else:
+        k_base = K + b64 * stride_kb + hkv64 * stride_kh + tl.cast(k_start, tl.int64) * stride_kn
+        v_base = V + b64 * stride_vb + hkv64 * stride_vh + tl.cast(k_start, tl.int64) * stride_vn
+    table_row = BLOCK_TABLE + b64 * stride_tableb
     bias_base = BIAS + b64 * stride_biasb + h64 * stride_biash
+    alibi_slope = 0.0
+    if ALIBI_ON:
+        alibi_slope = tl.load(ALIBI + b64 * stride_alibib + h64 * stride_alibih).to(tl.float32)
 
-    q = _load_rows(q_ptrs, rows, seqlen_q, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    full_end, hi = _key_range(start_m, seqlen_k, causal_offset, BLOCK_M, BLOCK_N, CAUSAL)
-    # stage 1: key blocks every row sees in full -- no structural mask
+    lo, full_lo, full_hi, hi = _band_range(start_m, sk, off, window_left, window_right, BLOCK_M, BLOCK_N,
+                                           HAS_LEFT, HAS_RIGHT)
+    # this split's keys; a query block past this sequence's end does nothing
+    lo = tl.maximum(lo, pid_s * split_len)
+    hi = tl.minimum(hi, pid_s * split_len + split_len)
+    hi = tl.where(start_m < sq, hi, 0)
+    # left edge of a window: masked
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_biasm, stride_biasn,
-        rows, offs_n, offs_d, pid_bh, seed, dropout_p,
-        0, full_end, seqlen_q, seqlen_k, causal_offset, qk_scale,
-        HEAD_DIM, BLOCK_N, False, CAUSAL, BIAS_KIND, DROPOUT, EVEN_D, DOT_PRECISION,
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, table_row, stride_tablep, stride_kb, stride_vb,
+        page_size, bias_base, stride_biasm, stride_biasn, alibi_slope, rows, offs_n, offs_d, pid_bh, seed, dropout_p,
+        lo, tl.minimum(full_lo, hi), sq, sk, off, window_left, window_right, qk_scale, softcap_log2,
+        HEAD_DIM, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI_ON, BIAS_KIND, DROPOUT, PAGED,
+        EVEN_D, DOT_PRECISION,
     )
-    # stage 2: the diagonal band and the ragged last block -- masked
+    # the middle: every row sees every key, no structural mask
     acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, bias_base, stride_biasm, stride_biasn,
-        rows, offs_n, offs_d, pid_bh, seed, dropout_p,
-        full_end, hi, seqlen_q, seqlen_k, causal_offset, qk_scale,
-        HEAD_DIM, BLOCK_N, True, CAUSAL, BIAS_KIND, DROPOUT, EVEN_D, DOT_PRECISION,
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, table_row, stride_tablep, stride_kb, stride_vb,
+        page_size, bias_base, stride_biasm, stride_biasn, alibi_slope, rows, offs_n, offs_d, pid_bh, seed, dropout_p,
+        tl.maximum(full_lo, lo), tl.minimum(full_hi, hi), sq, sk, off, window_left, window_right, qk_scale, softcap_log2,
+        HEAD_DIM, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI_ON, BIAS_KIND, DROPOUT, PAGED,
+        EVEN_D, DOT_PRECISION,
+    )
+    # right edge: the causal diagonal / window's right edge and the ragged last block: masked
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, table_row, stride_tablep, stride_kb, stride_vb,
+        page_size, bias_base, stride_biasm, stride_biasn, alibi_slope, rows, offs_n, offs_d, pid_bh, seed, dropout_p,
+        tl.maximum(tl.maximum(full_lo, full_hi), lo), hi, sq, sk, off, window_left, window_right, qk_scale,
+        softcap_log2, HEAD_DIM, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI_ON, BIAS_KIND, DROPOUT, PAGED,
+        EVEN_D, DOT_PRECISION,
     )
 
     # a row that saw no key has l = 0: output 0 and lse = -inf rather than 0/0
@@ -126,10 +213,12 @@ def _attn_fwd(
         l_safe = l_safe * (1.0 - dropout_p)
     acc = acc / l_safe[:, None]
 
-    o_ptrs = O + b64 * stride_ob + h64 * stride_oh + m64 * stride_om + offs_m[:, None] * stride_om + offs_d[None, :]
-    _store_rows(o_ptrs, acc.to(O.dtype.element_ty), rows, seqlen_q, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
-    lse_ptrs = LSE + tl.cast(pid_bh, tl.int64) * seqlen_q + rows
+    s64 = tl.cast(pid_s, tl.int64)
+    o_ptrs = (O + s64 * stride_os + b64 * stride_ob + h64 * stride_oh + m64 * stride_om
+              + offs_m[:, None] * stride_om + offs_d[None, :])
+    _store_rows(o_ptrs, acc.to(O.dtype.element_ty), rows, sq, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
+    lse_ptrs = LSE + s64 * stride_lses + b64 * stride_lseb + h64 * stride_lseh + q_start + rows
     if EVEN_M:
         tl.store(lse_ptrs, lse)
     else:
-        tl.store(lse_ptrs, lse, mask=rows < seqlen_q)
+        tl.store(lse_ptrs, lse, mask=rows < sq)

@@ -55,53 +55,83 @@ def _load_row_stat(ptrs, rows, n_rows, other, EVEN_ROWS: tl.constexpr):
 
 
 @triton.jit
-def _key_range(start_m, seqlen_k, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr):
-    """Key blocks a query block [start_m, start_m + BLOCK_M) needs, split in two stages.
+def _band_range(start, n_cols, offset, left, right, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Column blocks a row block [start, start + BLOCK_R) needs, in three stages.
 
-    Returns (full_end, hi): keys [0, full_end) are visible to every row of the
-    block and in bounds, so they need no mask; keys [full_end, hi) need the
-    causal and/or key-bound mask. Keys >= hi are invisible to the whole block
-    and are skipped, which is what makes causal attention cost half.
-    Query i sees key j iff j <= i + causal_offset.
+    Row r sees column c iff r + offset - left <= c <= r + offset + right (a bound
+    is absent when its HAS_ flag is off; causal is right = 0). Returns
+    (lo, full_lo, full_hi, hi): columns [full_lo, full_hi) are visible to every
+    row and in bounds, so they need no mask; [lo, min(full_lo, hi)) and
+    [max(full_lo, full_hi), hi) are the masked edges (the window's left edge, the
+    diagonal and the ragged last block). Columns outside [lo, hi) are invisible
+    to the whole block and never visited: that is why causal costs half and a
+    sliding window costs O(S * window).
+
+    Queries against keys use (offset, left, right); keys against queries (the
+    dK/dV pass) use (-offset, right, left) with the flags swapped.
     """
-    last_full = (seqlen_k // BLOCK_N) * BLOCK_N  # blocks past this one stick out of the sequence
-    if CAUSAL:
-        # a key block [n, n + BLOCK_N) is fully visible iff n + BLOCK_N - 1 <= start_m + causal_offset
-        full_end = (tl.maximum(start_m + causal_offset + 1, 0) // BLOCK_N) * BLOCK_N
-        full_end = tl.minimum(full_end, last_full)
-        hi = tl.minimum(tl.maximum(start_m + BLOCK_M + causal_offset, 0), seqlen_k)
+    last_full = (n_cols // BLOCK_C) * BLOCK_C  # blocks from here on stick out of the sequence
+    if HAS_LEFT:
+        first = tl.maximum(start + offset - left, 0)  # first column the first row sees
+        lo = (first // BLOCK_C) * BLOCK_C
+        all_from = tl.maximum(start + BLOCK_R - 1 + offset - left, 0)  # first column the last row sees
+        full_lo = ((all_from + BLOCK_C - 1) // BLOCK_C) * BLOCK_C
     else:
-        full_end = last_full
-        hi = seqlen_k
-    return full_end, hi
+        lo = 0
+        full_lo = 0
+    if HAS_RIGHT:
+        hi = tl.minimum(tl.maximum(start + BLOCK_R + offset + right, 0), n_cols)
+        full_hi = tl.minimum((tl.maximum(start + offset + right + 1, 0) // BLOCK_C) * BLOCK_C, last_full)
+    else:
+        hi = n_cols
+        full_hi = last_full
+    return lo, full_lo, full_hi, hi
 
 
 @triton.jit
-def _query_range(start_n, seqlen_q, causal_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Causal query blocks a key block [start_n, start_n + BLOCK_N) receives gradient from.
+def _tanh(x):
+    """tanh to a few ulp in fp32, from exp2 alone (libdevice is not on every backend).
 
-    Returns (lo, mid): query blocks in [lo, mid) straddle the diagonal and need
-    the causal mask; blocks in [mid, seqlen_q) see every key of the block.
-    Queries below lo see none of these keys and are skipped.
+    (1 - e) / (1 + e) with e = exp(-2|x|) loses digits to cancellation near 0, so
+    |x| < 0.25 takes the odd Taylor series through x^9 (next term < 1e-8 relative).
     """
-    first_row = tl.maximum(start_n - causal_offset, 0)  # first query that sees key start_n
-    lo = (first_row // BLOCK_M) * BLOCK_M
-    full_row = tl.maximum(start_n + BLOCK_N - 1 - causal_offset, 0)  # first query that sees the whole block
-    mid = tl.minimum(((full_row + BLOCK_M - 1) // BLOCK_M) * BLOCK_M, seqlen_q)
-    return lo, mid
+    a = tl.abs(x)
+    e = tl.exp2(a * (-2.0 * LOG2E))
+    far = (1.0 - e) / (1.0 + e)
+    a2 = a * a
+    near = a * (1.0 + a2 * (-0.3333333333333333 + a2 * (0.13333333333333333 + a2 * (
+        -0.05396825396825397 + a2 * 0.021869488536155203))))
+    t = tl.where(a < 0.25, near, far)
+    return tl.where(x < 0, -t, t)
 
 
 @triton.jit
-def _score_mods(s, row_idx, col_idx, bias_base, stride_biasm, stride_biasn, seqlen_q, seqlen_k, causal_offset,
-                BIAS_KIND: tl.constexpr, KEY_BOUNDS: tl.constexpr, CAUSAL_MASK: tl.constexpr):
-    """Apply the bias / mask and the structural masks to a tile of base-2 scores.
+def _score_mods(qk, row_idx, col_idx, qk_scale, softcap_log2, alibi_slope, bias_base, stride_biasm, stride_biasn,
+                seqlen_q, seqlen_k, offset, left, right,
+                SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, BIAS_KIND: tl.constexpr,
+                KEY_BOUNDS: tl.constexpr, MASK_LEFT: tl.constexpr, MASK_RIGHT: tl.constexpr):
+    """Raw dot products -> base-2 scores, in the documented order.
 
-    `row_idx` and `col_idx` are broadcastable index tiles (query rows and key
-    columns) in whatever orientation `s` has. BIAS_KIND: 0 none, 1 boolean mask
-    (nonzero = take part), 2 additive float bias in natural-log units. A bias
-    broadcast along a dim has stride 0 there, so a (B, 1, 1, Sk) key-padding
-    mask costs one small vector load per tile. Hidden entries become -inf.
+    s = scale * qk; softcap: s = c * tanh(s / c); ALiBi: s -= slope * |i + offset - j|;
+    bias: s += bias (float) or s = -inf where a boolean mask is False; then the
+    structural masks (key bounds, window/causal edges) give -inf. `row_idx` and
+    `col_idx` are broadcastable index tiles in whatever orientation `qk` has.
+    With SOFTCAP the host passes qk_scale = scale / c and softcap_log2 = c * log2(e),
+    otherwise qk_scale = scale * log2(e). Returns (s, t) with t = tanh(scale * qk / c)
+    for the softcap derivative (t is s itself when SOFTCAP is off).
+
+    A bias broadcast along a dim has stride 0 there, so a (B, 1, 1, Sk)
+    key-padding mask costs one small vector load per tile.
     """
+    if SOFTCAP:
+        t = _tanh(qk * qk_scale)
+        s = t * softcap_log2
+    else:
+        s = qk * qk_scale
+        t = s
+    if ALIBI:
+        s -= (alibi_slope * LOG2E) * tl.abs(row_idx + offset - col_idx).to(tl.float32)
     if BIAS_KIND != 0:
         ptrs = bias_base + tl.cast(row_idx, tl.int64) * stride_biasm + tl.cast(col_idx, tl.int64) * stride_biasn
         in_bounds = (row_idx < seqlen_q) & (col_idx < seqlen_k)
@@ -112,9 +142,11 @@ def _score_mods(s, row_idx, col_idx, bias_base, stride_biasm, stride_biasn, seql
             s += tl.load(ptrs, mask=in_bounds, other=0.0).to(tl.float32) * LOG2E
     if KEY_BOUNDS:
         s = tl.where(col_idx < seqlen_k, s, float("-inf"))
-    if CAUSAL_MASK:
-        s = tl.where(col_idx <= row_idx + causal_offset, s, float("-inf"))
-    return s
+    if MASK_LEFT:
+        s = tl.where(col_idx >= row_idx + offset - left, s, float("-inf"))
+    if MASK_RIGHT:
+        s = tl.where(col_idx <= row_idx + offset + right, s, float("-inf"))
+    return s, t
 
 
 @triton.jit
