@@ -138,7 +138,8 @@ def check_cu_seqlens(cu: object, name: str, total: int, max_seqlen: object, devi
         raise TypeError(f"max_seqlen for {name} must be a non-negative int, got {max_seqlen!r}")
     values = cu.tolist()
     if values[0] != 0 or any(b < a for a, b in zip(values, values[1:], strict=False)):
-        raise ValueError(f"{name} must start at 0 and never decrease, got {values[:8]}{'...' if len(values) > 8 else ''}")
+        shown = f"{values[:8]}{'...' if len(values) > 8 else ''}"
+        raise ValueError(f"{name} must start at 0 and never decrease, got {shown}")
     if values[-1] > total:
         raise ValueError(f"{name} ends at {values[-1]} but the packed tensor has {total} rows")
     longest = max((b - a for a, b in zip(values, values[1:], strict=False)), default=0)

@@ -400,7 +400,8 @@ class FlashAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
-                alibi: torch.Tensor | None, spec: AttnSpec, seq: SeqLayout = DENSE) -> tuple[torch.Tensor, torch.Tensor]:
+                alibi: torch.Tensor | None, spec: AttnSpec,
+                seq: SeqLayout = DENSE) -> tuple[torch.Tensor, torch.Tensor]:
         o, lse = attn_fwd(q, k, v, bias, alibi, spec, seq)
         ctx.set_materialize_grads(False)  # an unused output (usually the LSE) then brings None, not zeros
         ctx.save_for_backward(q, k, v, o, lse, bias, alibi)

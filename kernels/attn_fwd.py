@@ -192,8 +192,8 @@ def _attn_fwd(
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, table_row, stride_tablep, stride_kb, stride_vb,
         page_size, bias_base, stride_biasm, stride_biasn, alibi_slope, rows, offs_n, offs_d, pid_bh, seed, dropout_p,
-        tl.maximum(full_lo, lo), tl.minimum(full_hi, hi), sq, sk, off, window_left, window_right, qk_scale, softcap_log2,
-        HEAD_DIM, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI_ON, BIAS_KIND, DROPOUT, PAGED,
+        tl.maximum(full_lo, lo), tl.minimum(full_hi, hi), sq, sk, off, window_left, window_right, qk_scale,
+        softcap_log2, HEAD_DIM, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI_ON, BIAS_KIND, DROPOUT, PAGED,
         EVEN_D, DOT_PRECISION,
     )
     # right edge: the causal diagonal / window's right edge and the ragged last block: masked
