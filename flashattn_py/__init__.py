@@ -1,6 +1,6 @@
 """flashattn_py: fused Triton kernels for exact scaled-dot-product attention in PyTorch."""
 
-from .functional import attention, scaled_dot_product_attention
+from .functional import attention, attention_varlen, attention_with_kvcache, scaled_dot_product_attention
 from .modules import MultiheadAttention, replace_attention
 from .reference import attention_reference
 
@@ -8,6 +8,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attention",
+    "attention_varlen",
+    "attention_with_kvcache",
     "scaled_dot_product_attention",
     "MultiheadAttention",
     "replace_attention",

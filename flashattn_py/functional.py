@@ -18,7 +18,7 @@ from ._validation import (
     check_softcap,
     check_window,
 )
-from .ops import BIAS_BOOL, BIAS_FLOAT, BIAS_NONE, AttnSpec, FlashAttnFunction, SeqLayout
+from .ops import BIAS_BOOL, BIAS_FLOAT, BIAS_NONE, AttnSpec, FlashAttnFunction, SeqLayout, attn_fwd
 
 Causal = bool | Literal["top_left", "bottom_right"]
 
@@ -216,3 +216,99 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
                     dropout_p=dropout, seed=seed)
     out, _ = FlashAttnFunction.apply(q4, k4, v4, bias, None, spec)
     return out.reshape(*query.shape[:-1], out.shape[-1])
+
+
+def _append_to_cache(cache: torch.Tensor, new: torch.Tensor, cache_seqlens: torch.Tensor,
+                     block_table: torch.Tensor | None) -> None:
+    """Write new (B, H_kv, S_new, D) at positions cache_seqlens[b] + t of sequence b, in place."""
+    B, _, S_new, _ = new.shape
+    pos = cache_seqlens.long()[:, None] + torch.arange(S_new, device=new.device)  # (B, S_new)
+    rows = new.permute(0, 2, 1, 3)  # (B, S_new, H_kv, D), matching the advanced-index result layout
+    if block_table is None:
+        cache[torch.arange(B, device=new.device)[:, None], :, pos] = rows
+    else:
+        page_size = cache.shape[2]
+        pages = block_table.long().gather(1, pos // page_size)  # (B, S_new)
+        cache[pages, :, pos % page_size] = rows
+
+
+def _auto_splits(q: torch.Tensor, batch_heads: int, cache_len: int) -> int:
+    """Enough splits of the keys to fill the GPU's multiprocessors, each at least 256 keys long."""
+    if not q.is_cuda:
+        return 1
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    return max(1, min(sms // max(batch_heads, 1), cache_len // 256, 64))
+
+
+def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           cache_seqlens: torch.Tensor, *, k_new: torch.Tensor | None = None,
+                           v_new: torch.Tensor | None = None, causal: bool = True, scale: float | None = None,
+                           window: Window = (-1, -1), alibi_slopes: torch.Tensor | None = None,
+                           softcap: float = 0.0, block_table: torch.Tensor | None = None,
+                           num_splits: int = 0) -> torch.Tensor:
+    """Decoding attention over a KV cache (forward only), appending new keys and values in place.
+
+    q ``(B, H, Sq, D)``; caches ``(B, H_kv, S_max, D)``, or paged ``(num_pages, H_kv,
+    page_size, D)`` with ``block_table`` ``(B, max_pages)`` int32 naming sequence b's
+    pages in order; ``cache_seqlens`` ``(B,)`` int32 = tokens already in the cache.
+    ``k_new``/``v_new`` ``(B, H_kv, S_new, D)`` are written at positions
+    ``cache_seqlens[b] .. + S_new`` first, then q attends to the
+    ``cache_seqlens[b] + S_new`` valid keys of its sequence, bottom-right aligned
+    (query i is at position ``Sk_b - Sq + i``). ``num_splits`` splits each
+    sequence's keys across programs (flash-decoding) and merges the partial
+    results by their log-sum-exp; 0 picks it from the GPU's multiprocessor count.
+    Window, ALiBi, softcap and scale as in `attention`. Returns ``(B, H, Sq, D)``.
+    """
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{name} must be a 4-D tensor")
+    if k_cache.shape != v_cache.shape:
+        raise ValueError(f"k_cache and v_cache must have one shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    B, H, Sq, D = q.shape
+    H_kv = k_cache.shape[1]
+    if block_table is not None:
+        if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 \
+                or block_table.shape[0] != B:
+            raise ValueError(f"block_table must be an int32 ({B}, max_pages) tensor")
+        capacity = block_table.shape[1] * k_cache.shape[2]
+        view = (q, k_cache[:1].expand(B, -1, -1, -1), v_cache[:1].expand(B, -1, -1, -1))
+        check_qkv(*view)
+    else:
+        capacity = k_cache.shape[2]
+        check_qkv(q, k_cache, v_cache)
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32 \
+            or tuple(cache_seqlens.shape) != (B,):
+        raise ValueError(f"cache_seqlens must be an int32 tensor of shape ({B},)")
+    if (k_new is None) != (v_new is None):
+        raise ValueError("k_new and v_new must be given together")
+    S_new = 0
+    if k_new is not None:
+        if k_new.shape != v_new.shape or k_new.dim() != 4 or k_new.shape[:2] != (B, H_kv) or k_new.shape[3] != D:
+            raise ValueError(f"k_new and v_new must be ({B}, {H_kv}, S_new, {D}), got {tuple(k_new.shape)} and "
+                             f"{tuple(v_new.shape)}")
+        if k_new.dtype != k_cache.dtype or k_new.device != k_cache.device:
+            raise TypeError("k_new and v_new must match the cache's dtype and device")
+        S_new = k_new.shape[2]
+    lengths = cache_seqlens.tolist()  # one host sync, to refuse an overflowing cache before writing into it
+    if min(lengths, default=0) < 0 or max(lengths, default=0) + S_new > capacity:
+        raise ValueError(f"the cache holds {capacity} tokens per sequence; cache_seqlens {lengths[:8]} + "
+                         f"{S_new} new tokens does not fit")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool (decoding is bottom-right aligned), got {causal!r}")
+    left, right = check_window(window, causal)
+    slopes = check_alibi(alibi_slopes, B, H, q.device)
+    spec = AttnSpec(scale=check_scale(scale, D), window_left=left, window_right=right,
+                    softcap=check_softcap(softcap))
+
+    if k_new is not None:
+        _append_to_cache(k_cache, k_new, cache_seqlens, block_table)
+        _append_to_cache(v_cache, v_new, cache_seqlens, block_table)
+    seqlens_k = (cache_seqlens + S_new).to(torch.int32)
+    splits = num_splits or _auto_splits(q, B * H, capacity)
+    seq = SeqLayout(mode=2, seqlens_k=seqlens_k, block_table=block_table)
+    with torch.no_grad():
+        out, _ = attn_fwd(q, k_cache, v_cache, None, slopes, spec, seq, splits)
+    return out

@@ -3,11 +3,15 @@
 For every output x: err(ours) <= factor * err(PyTorch's math in the same dtype) + slack,
 both errors measured against a float64 reference, with factor 2 for the output and
 the LSE and 3 for gradients, and slack one rounding unit of the dtype at the
-reference's magnitude (as FlashAttention's tests do). For dq and dk the magnitude
-is that of the terms they sum, scale * P (|dP| + |delta|) |K| (or |Q|): dS = P(dP - delta)
-cancels, so an entry that is 0 in exact arithmetic (a row with one key, say) still
-carries rounding at the scale of those terms. PyTorch's softmax backward computes
-both sides of the difference from the same numbers and does not show it.
+reference's magnitude (as FlashAttention's tests do).
+
+Two magnitudes are those of intermediate terms rather than of the result:
+- dv: Pᵀ|dO| weighted by |s| + |lse|, since P is recomputed from the stored LSE
+  (a rounding that PyTorch, holding P itself, does not have);
+- dq, dk: the terms they sum, scale * P (|dP| + |delta|) |K| (or |Q|). dS = P(dP - delta)
+  cancels, so an entry that is 0 in exact arithmetic (a row with one key, say)
+  still carries rounding at the scale of those terms; PyTorch's softmax backward
+  computes both sides of the difference from the same numbers and does not show it.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from flashattn_py import attention, attention_reference
-from flashattn_py._validation import causal_offset, check_causal
+from flashattn_py.reference import reference_scores
 
 FWD_FACTOR = 2.0
 BWD_FACTOR = 3.0
@@ -69,58 +73,64 @@ def assert_rule(name: str, ours: torch.Tensor, same_dtype: torch.Tensor, ref64: 
         f"{name}: max error {err_ours:.3e} > {factor} x PyTorch's {err_pt:.3e} + slack {slack:.3e}")
 
 
-def _gradient_term_magnitudes(q, k, v, do, out64, lse64, scale, causal, attn_mask=None) -> tuple[float, float]:
-    """Largest |term| summed into dq and dk, in float64: scale * P (|dP| + |delta|) times |K| or |Q|."""
+def _gradient_term_magnitudes(q, k, v, do, out64, lse64, scale, causal, attn_mask=None,
+                              **score_kwargs) -> tuple[float, float, float]:
+    """Largest |term| summed into dq, dk and dS, in float64: scale * P (|dP| + |delta|) times |K| or |Q|."""
     q, k, v, do = (t.detach().double() for t in (q, k, v, do))
     if k.shape[1] != q.shape[1]:
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     lse = torch.where(torch.isneginf(lse64), torch.inf, lse64.detach())[..., None]
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if attn_mask is not None:
-        m = attn_mask.detach()
-        s = s.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else s + m.double()
-    mode = check_causal(causal)
-    if mode:
-        Sq, Sk = s.shape[-2:]
-        hidden = torch.arange(Sk)[None, :] > torch.arange(Sq)[:, None] + causal_offset(mode, Sq, Sk)
-        s = s.masked_fill(hidden.to(s.device), float("-inf"))
+    m = None if attn_mask is None else (attn_mask.detach() if attn_mask.dtype == torch.bool
+                                        else attn_mask.detach().double())
+    kw = {name: (val.double() if isinstance(val, torch.Tensor) else val) for name, val in score_kwargs.items()}
+    s = reference_scores(q, k, causal=causal, scale=scale, attn_mask=m, **kw)
     p = torch.exp(s - lse)
     delta = (out64.detach() * do).sum(-1, keepdim=True)
     w_ds = p * (torch.matmul(do, v.transpose(-1, -2)).abs() + delta.abs())  # |terms| of dS
     w = abs(scale) * w_ds
     if not w.numel():
-        return 0.0, 0.0, 0.0
+        return 0.0, 0.0, 0.0, 0.0
     term_dq = torch.matmul(w, k.abs()).max().item()
     term_dk = torch.matmul(w.transpose(-1, -2), q.abs()).max().item()
     # the mask's gradient is dS summed over the mask's broadcast dims
     term_ds = (w_ds.sum_to_size(attn_mask.shape) if attn_mask is not None else w_ds).max().item()
-    return term_dq, term_dk, term_ds
+    # dV = Pᵀ dO with P = exp(s - lse) recomputed from the stored LSE: P carries a relative rounding
+    # error of about eps * (|s| + |lse|), which PyTorch (holding P itself) does not have
+    w_p = torch.where(p > 0, p * (s.abs() + lse.abs()), 0.0)
+    term_dv = torch.matmul(w_p.transpose(-1, -2), do.abs()).max().item()
+    return term_dq, term_dk, term_ds, term_dv
 
 
 def _run(fn, q, k, v, do, **kwargs):
     out, lse = fn(q, k, v, return_lse=True, **kwargs)
-    grads = torch.autograd.grad(out, (q, k, v), do)
+    grads = torch.autograd.grad(out, (q, k, v), do, allow_unused=True, materialize_grads=True)
     return (out, lse, *grads)
 
 
 def check_attention(q, k, v, do, **kwargs) -> tuple[torch.Tensor, ...]:
     """Run ours, the fp64 reference and PyTorch's same-dtype math; assert the rule on out, lse, dq, dk, dv."""
-    dtype = q.dtype
     ours = _run(attention, q, k, v, do, **kwargs)
+    check_against_reference(ours, q, k, v, do, **kwargs)
+    return ours
+
+
+def check_against_reference(ours, q, k, v, do, **kwargs) -> None:
+    """Assert the rule on ours = (out, lse, dq, dk, dv) for inputs q, k, v, dO and reference kwargs."""
+    dtype = q.dtype
 
     def detached(cast):
         return [cast(t.detach()).requires_grad_() for t in (q, k, v)]
 
     ref64 = _run(attention_reference, *detached(lambda t: t.double()), do.double(), **kwargs)
     same = _run(attention_reference, *detached(lambda t: t.clone()), do, **kwargs)
-    term_dq, term_dk, _ = _gradient_term_magnitudes(q, k, v, do, ref64[0], ref64[1], kwargs.get("scale"),
-                                                    kwargs.get("causal", False))
-    magnitudes = {"dq": term_dq, "dk": term_dk}
+    extra = {name: kwargs[name] for name in ("window", "alibi_slopes", "softcap", "offset") if name in kwargs}
+    term_dq, term_dk, _, term_dv = _gradient_term_magnitudes(q, k, v, do, ref64[0], ref64[1], kwargs.get("scale"),
+                                                             kwargs.get("causal", False), **extra)
+    magnitudes = {"dq": term_dq, "dk": term_dk, "dv": max(term_dv, _magnitude(ref64[4]))}
     for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
         factor = FWD_FACTOR if i < 2 else BWD_FACTOR
         assert_rule(name, ours[i], same[i], ref64[i], factor, dtype, magnitudes.get(name))
-    return ours
 
 
 def check_sdpa(q, k, v, do, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
@@ -155,9 +165,10 @@ def check_sdpa(q, k, v, do, attn_mask=None, is_causal=False, scale=None, enable_
     same_out = F.scaled_dot_product_attention(*cs[:3], attn_mask=cs[3] if attn_mask is not None else None, **kw)
     same = (same_out, *torch.autograd.grad(same_out, [t for t in cs if t.requires_grad], do))
 
-    term_dq, term_dk, term_ds = _gradient_term_magnitudes(q, k, v, do, out64, lse64, scale, is_causal, attn_mask)
+    term_dq, term_dk, term_ds, term_dv = _gradient_term_magnitudes(q, k, v, do, out64, lse64, scale, is_causal,
+                                                                   attn_mask)
     names = ["out", "dq", "dk", "dv", "dmask"][:len(ours)]
-    magnitudes = {"dq": term_dq, "dk": term_dk, "dmask": term_ds}
+    magnitudes = {"dq": term_dq, "dk": term_dk, "dv": max(term_dv, _magnitude(ref64[3])), "dmask": term_ds}
     for name, a, b, r in zip(names, ours, same, ref64, strict=True):
         factor = FWD_FACTOR if name == "out" else BWD_FACTOR
         assert_rule(name, a, b, r, factor, dtype, magnitudes.get(name))
