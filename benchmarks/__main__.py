@@ -20,6 +20,8 @@ import torch
 if not torch.cuda.is_available():  # before flashattn_py's kernels are imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from .decode import decode_markdown, run_decode  # noqa: E402
+from .decode import to_json as decode_to_json  # noqa: E402
 from .impls import IMPLEMENTATIONS  # noqa: E402
 from .report import environment, markdown, plots, write_json  # noqa: E402
 from .suite import PASSES, quick_cases, run_case, standard_cases  # noqa: E402
@@ -50,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--causal", choices=["both", "yes", "no"], default="both")
     parser.add_argument("--quick", action="store_true", help="a handful of small shapes")
     parser.add_argument("--out", type=Path, default=Path("bench-out"), help="directory for json, md and png")
+    parser.add_argument("--decode", choices=["yes", "no", "only"], default="yes",
+                        help="also run the KV-cache decode bandwidth benchmark (default yes)")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -71,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
 
     args.out.mkdir(parents=True, exist_ok=True)
     records = []
+    if args.decode == "only":
+        cases = []
     bar = _progress(len(cases) * len(args.impl))
     for case in cases:
         for impl in args.impl:
@@ -88,13 +94,21 @@ def main(argv: list[str] | None = None) -> int:
     if bar is not None:
         bar.close()
 
-    write_json(args.out / "results.json", env, records)
+    decode = run_decode(device, args.quick) if args.decode != "no" else []
+    for r in decode:
+        shown = f"{r.gbps:.1f} GB/s = {r.fraction_of_copy:.1%} of copy" if r.status == "ok" else r.status
+        print(f"decode B{r.batch} H{r.heads}/{r.heads_kv} D{r.head_dim} cache {r.cache_len} "
+              f"{'paged' if r.paged else 'dense'}: {shown}")
+
+    write_json(args.out / "results.json", env, records, decode_to_json(decode))
     as_dicts = [r.to_json() for r in records]
-    (args.out / "results.md").write_text(markdown(env, as_dicts, None if on_gpu else CPU_NOTE))
+    md = markdown(env, as_dicts, None if on_gpu else CPU_NOTE) + (decode_markdown(decode) if decode else "")
+    (args.out / "results.md").write_text(md)
     pngs = plots(args.out, as_dicts)
     print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'}"
           + (f" and {len(pngs)} plots" if pngs else " (no plots: pip install matplotlib)"))
     failed = [r for r in records if r.status == "error" and r.impl == "flashattn_py"]
+    failed += [r for r in decode if r.status == "error"]
     for r in failed:
         print(f"flashattn_py failed: {r.message}", file=sys.stderr)
     return 1 if failed else 0

@@ -31,8 +31,11 @@ def environment(device: torch.device) -> dict:
             "python": platform.python_version()}
 
 
-def write_json(path: Path, env: dict, records: list) -> None:
-    path.write_text(json.dumps({"env": env, "records": [r.to_json() for r in records]}, indent=1) + "\n")
+def write_json(path: Path, env: dict, records: list, decode: list[dict] | None = None) -> None:
+    data = {"env": env, "records": [r.to_json() for r in records]}
+    if decode:
+        data["decode"] = decode
+    path.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def _key(r: dict) -> tuple:
