@@ -29,8 +29,11 @@ def test_quick_run_writes_json_markdown_and_plots(tmp_path):
         assert r["status"] == "ok", r
         assert r["ms"] > 0 and r["tflops"] > 0
         assert r["max_abs_err"] < 1e-2  # every implementation agrees with the fp32 reference
+    decode = data["decode"]
+    assert {r["paged"] for r in decode} == {False, True}
+    assert all(r["status"] == "ok" and r["gbps"] > 0 and r["copy_gbps"] > 0 for r in decode)
     md = (tmp_path / "results.md").read_text()
-    assert "speed-up vs naive" in md and "mean nothing" in md
+    assert "speed-up vs naive" in md and "mean nothing" in md and "fraction of copy" in md
     assert (tmp_path / "tflops_float16_full.png").stat().st_size > 0
     assert (tmp_path / "peak_memory.png").exists()
 
