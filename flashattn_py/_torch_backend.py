@@ -70,7 +70,7 @@ def _dense_fwd(q, k, v, bias, alibi, spec):
     B, H, Sq, _ = q.shape
     cdt = _compute_dtype(q.dtype)
     qc, kc, vc = q.to(cdt), _expand_kv(k, H).to(cdt), _expand_kv(v, H).to(cdt)
-    o = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    o = torch.empty_like(q)  # q's strides, like the kernels' output
     lse = torch.empty(B, H, Sq, device=q.device, dtype=torch.float32)
     chunks = _row_chunks(B * H, Sq, kc.shape[2])
     for i, start in enumerate(chunks):
@@ -93,7 +93,7 @@ def _dense_bwd(do, q, k, v, o, lse, dlse, bias, alibi, need_dbias, spec):
     delta = (o.to(cdt) * do.to(cdt)).sum(-1)
     if dlse is not None:
         delta = delta - dlse.to(cdt)
-    dq = torch.empty(q.shape, device=q.device, dtype=q.dtype)
+    dq = torch.empty_like(q)
     dk = torch.zeros(B, H, Sk, q.shape[3], device=q.device, dtype=cdt)
     dv = torch.zeros_like(dk)
     dbias = torch.zeros(bias.shape, device=q.device, dtype=cdt) if need_dbias else None
@@ -127,7 +127,7 @@ def _dense_bwd(do, q, k, v, o, lse, dlse, bias, alibi, need_dbias, spec):
     if H_kv != H:  # GQA: each K/V head's gradient is the sum over the query heads it served
         dk = dk.view(B, H_kv, H // H_kv, Sk, -1).sum(2)
         dv = dv.view(B, H_kv, H // H_kv, Sk, -1).sum(2)
-    return dq, dk.to(k.dtype), dv.to(v.dtype), dbias
+    return dq, torch.empty_like(k).copy_(dk), torch.empty_like(v).copy_(dv), dbias  # k's and v's strides
 
 
 def _sequences(seq: SeqLayout):

@@ -18,7 +18,7 @@ from ._validation import (
     check_softcap,
     check_window,
 )
-from .ops import BIAS_BOOL, BIAS_FLOAT, BIAS_NONE, AttnSpec, FlashAttnFunction, SeqLayout, attn_fwd
+from .ops import BIAS_BOOL, BIAS_FLOAT, BIAS_NONE, AttnSpec, SeqLayout, attn_fwd, flash_attention
 
 Causal = bool | Literal["top_left", "bottom_right"]
 
@@ -29,16 +29,19 @@ Window = tuple[int, int]
 @overload
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: Causal = ...,
               scale: float | None = ..., return_lse: Literal[False] = ..., window: Window = ...,
-              alibi_slopes: torch.Tensor | None = ..., softcap: float = ...) -> torch.Tensor: ...
+              alibi_slopes: torch.Tensor | None = ..., softcap: float = ..., attn_mask: torch.Tensor | None = ...,
+              dropout_p: float = ...) -> torch.Tensor: ...
 @overload
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: Causal = ...,
               scale: float | None = ..., return_lse: Literal[True], window: Window = ...,
-              alibi_slopes: torch.Tensor | None = ..., softcap: float = ...) -> tuple[torch.Tensor, torch.Tensor]: ...
+              alibi_slopes: torch.Tensor | None = ..., softcap: float = ..., attn_mask: torch.Tensor | None = ...,
+              dropout_p: float = ...) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: Causal = False,
               scale: float | None = None, return_lse: bool = False, window: Window = (-1, -1),
-              alibi_slopes: torch.Tensor | None = None, softcap: float = 0.0):
+              alibi_slopes: torch.Tensor | None = None, softcap: float = 0.0,
+              attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0):
     """Exact scaled-dot-product attention, ``softmax(scores) v``, fused (no Sq×Sk tensor).
 
     Scores are ``s = scale · q kᵀ``; then softcap ``s = c · tanh(s / c)`` if
@@ -66,6 +69,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: Caus
         alibi_slopes: ``(H,)`` or ``(B, H)`` float32 slopes; the bias is computed
             in the kernel from positions, nothing Sq×Sk is stored.
         softcap: ``c > 0`` caps the scores at ``±c`` smoothly (Gemma 2, Grok); 0 = off.
+        attn_mask: boolean (True = takes part) or float (added to the scores after
+            ALiBi), broadcastable to ``(B, H, Sq, Sk)`` and read in-kernel with stride 0
+            along broadcast dims; a float mask that requires grad gets its gradient.
+        dropout_p: dropout on the probabilities (in-kernel Philox; pass 0 in eval).
 
     Returns:
         ``out`` ``(B, H, Sq, D)`` in q's dtype (and strides when q is dense), or
@@ -87,10 +94,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: Caus
     left, right = check_window(window, bool(causal_mode))
     cap = check_softcap(softcap)
     slopes = check_alibi(alibi_slopes, q.shape[0], q.shape[1], q.device)
+    bias, bias_kind = _check_mask(attn_mask, q, k.shape[2])
     spec = AttnSpec(scale=sm_scale, offset=causal_offset(causal_mode, q.shape[2], k.shape[2]),
-                    window_left=left, window_right=right, softcap=cap)
-    out, lse = FlashAttnFunction.apply(q, k, v, None, slopes, spec)
+                    window_left=left, window_right=right, softcap=cap, bias_kind=bias_kind,
+                    dropout_p=check_dropout(dropout_p))
+    out, lse = flash_attention(q, k, v, bias, slopes, spec)
     return (out, lse) if return_lse else out
+
+
+def _check_mask(attn_mask: object, query: torch.Tensor, seqlen_k: int) -> tuple[torch.Tensor | None, int]:
+    """An SDPA-style mask -> (bias tensor (B|1, H|1, L|1, S|1), kind) for the kernels."""
+    if attn_mask is None:
+        return None, BIAS_NONE
+    if not isinstance(attn_mask, torch.Tensor):
+        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype == torch.bool:
+        kind = BIAS_BOOL
+    elif attn_mask.dtype == query.dtype:
+        kind = BIAS_FLOAT
+    else:
+        raise TypeError(f"attn_mask must be bool or of query's dtype {query.dtype}, got {attn_mask.dtype}")
+    if attn_mask.device != query.device:
+        raise ValueError(f"attn_mask must be on query's device {query.device}, got {attn_mask.device}")
+    return _mask_as_bias(attn_mask, query, seqlen_k), kind
 
 
 def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
@@ -127,8 +153,7 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
                     softcap=check_softcap(softcap))
     seq = SeqLayout(mode=1, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                     max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k))
-    out, lse = FlashAttnFunction.apply(q4, k4, v4, None, slopes, spec, seq)
-    out = out.transpose(1, 2)[0]  # (total_q, H, D)
+    out, lse = flash_attention(q, k, v, None, slopes, spec, seq)  # (total_q, H, D), (H, total_q)
     return (out, lse) if return_lse else out
 
 
@@ -197,24 +222,10 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     check_qkv(q4, k4, v4, allow_gqa=enable_gqa)
     sm_scale = check_scale(scale, query.shape[-1]) if scale is not None else 1.0 / math.sqrt(query.shape[-1])
 
-    bias, bias_kind = None, BIAS_NONE
-    if attn_mask is not None:
-        if not isinstance(attn_mask, torch.Tensor):
-            raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
-        if attn_mask.dtype == torch.bool:
-            bias_kind = BIAS_BOOL
-        elif attn_mask.dtype == query.dtype:
-            bias_kind = BIAS_FLOAT
-        else:
-            raise TypeError(f"attn_mask must be bool or of query's dtype {query.dtype}, got {attn_mask.dtype}")
-        if attn_mask.device != query.device:
-            raise ValueError(f"attn_mask must be on query's device {query.device}, got {attn_mask.device}")
-        bias = _mask_as_bias(attn_mask, query, key.shape[-2])
+    bias, bias_kind = _check_mask(attn_mask, query, key.shape[-2])
 
-    seed = int(torch.randint(0, 2**62, ()).item()) if dropout > 0 else 0  # torch's CPU RNG: manual_seed works
-    spec = AttnSpec(scale=sm_scale, window_right=0 if is_causal else -1, bias_kind=bias_kind,
-                    dropout_p=dropout, seed=seed)
-    out, _ = FlashAttnFunction.apply(q4, k4, v4, bias, None, spec)
+    spec = AttnSpec(scale=sm_scale, window_right=0 if is_causal else -1, bias_kind=bias_kind, dropout_p=dropout)
+    out, _ = flash_attention(q4, k4, v4, bias, None, spec)
     return out.reshape(*query.shape[:-1], out.shape[-1])
 
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import BIAS_BOOL, BIAS_FLOAT, AttnSpec, FlashAttnFunction
+from .ops import BIAS_BOOL, BIAS_FLOAT, AttnSpec, flash_attention
 
 
 def _to_keep_or_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -137,11 +137,10 @@ class MultiheadAttention(nn.MultiheadAttention):
         bias = _combine(keep_attn, keep_pad)
         bias_kind = 0 if bias is None else (BIAS_BOOL if bias.dtype == torch.bool else BIAS_FLOAT)
         dropout_p = self.dropout if self.training else 0.0
-        seed = int(torch.randint(0, 2**62, ()).item()) if dropout_p > 0 else 0
         scale = 1.0 / math.sqrt(hd)
         spec = AttnSpec(scale=scale, window_right=0 if causal_fast_path else -1, bias_kind=bias_kind,
-                        dropout_p=dropout_p, seed=seed)
-        out, lse = FlashAttnFunction.apply(q, k, v, bias, None, spec)  # (N, H, L, hd), (N, H, L)
+                        dropout_p=dropout_p)
+        out, lse = flash_attention(q, k, v, bias, None, spec)  # (N, H, L, hd), (N, H, L)
 
         attn = self.out_proj(out.transpose(1, 2).reshape(N, L, E))  # (N, L, E)
         attn = attn if (batched and self.batch_first) else attn.transpose(0, 1)

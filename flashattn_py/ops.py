@@ -418,3 +418,128 @@ class FlashAttnFunction(torch.autograd.Function):
         if dbias is not None:
             dbias = dbias.to(bias.dtype)
         return dq, dk, dv, dbias, None, None, None
+
+
+# --- torch.library custom ops: what torch.compile sees -------------------------------------------------------------
+#
+# One forward and one backward op, with fake (meta) implementations giving output
+# shapes, dtypes and strides, and autograd registered on the forward: a compiled
+# model sees a single opaque node per attention call, with no graph break. q, k, v
+# come in their native layout: dense (B, H, S, D), or packed (total, H, D) when
+# seq_mode is 1. The dropout seed is drawn inside the forward (so tracing needs no
+# .item()) and returned for the backward.
+
+_HAS_CUSTOM_OP = all(hasattr(torch.library, name) for name in ("custom_op", "register_fake", "register_autograd"))
+
+
+def _as_4d(t: torch.Tensor | None, seq_mode: int) -> torch.Tensor | None:
+    """Packed (total, H, D) -> the (1, H, total, D) view the kernels take."""
+    return t.unsqueeze(0).transpose(1, 2) if t is not None and seq_mode == 1 else t
+
+
+def _from_4d(t: torch.Tensor, seq_mode: int) -> torch.Tensor:
+    return t.transpose(1, 2)[0] if seq_mode == 1 else t
+
+
+def _unpack(cu_seqlens_q, cu_seqlens_k, scale, offset, window_left, window_right, softcap, bias_kind, dropout_p,
+            seq_mode, max_seqlen_q, max_seqlen_k, seed=0) -> tuple[AttnSpec, SeqLayout]:
+    spec = AttnSpec(scale=scale, offset=offset, window_left=window_left, window_right=window_right,
+                    softcap=softcap, bias_kind=bias_kind, dropout_p=dropout_p, seed=seed)
+    seq = DENSE if seq_mode == 0 else SeqLayout(mode=seq_mode, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                                                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k)
+    return spec, seq
+
+
+def _fresh(t: torch.Tensor) -> torch.Tensor:
+    """A custom op returns tensors that are not views: the base itself when the view covers it exactly."""
+    base = t._base
+    if base is None:
+        return t
+    if base.shape == t.shape and base.stride() == t.stride() and t.storage_offset() == base.storage_offset():
+        return base
+    return t.clone()
+
+
+def _draw_seed(dropout_p: float) -> int:
+    """A fresh Philox key from torch's CPU generator, so torch.manual_seed reproduces dropout."""
+    return int(torch.randint(0, 2**62, ()).item()) if dropout_p > 0 else 0
+
+
+if _HAS_CUSTOM_OP:
+    @torch.library.custom_op("flashattn_py::attn_fwd", mutates_args=())
+    def _attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                     alibi: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+                     scale: float, offset: int, window_left: int, window_right: int, softcap: float, bias_kind: int,
+                     dropout_p: float, seq_mode: int, max_seqlen_q: int, max_seqlen_k: int,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        seed = _draw_seed(dropout_p)
+        spec, seq = _unpack(cu_seqlens_q, cu_seqlens_k, scale, offset, window_left, window_right, softcap, bias_kind,
+                            dropout_p, seq_mode, max_seqlen_q, max_seqlen_k, seed)
+        o, lse = attn_fwd(_as_4d(q, seq_mode), _as_4d(k, seq_mode), _as_4d(v, seq_mode), bias, alibi, spec, seq)
+        return _fresh(_from_4d(o, seq_mode)), lse, torch.tensor(seed, dtype=torch.int64)
+
+    @_attn_fwd_op.register_fake
+    def _(q, k, v, bias, alibi, cu_seqlens_q, cu_seqlens_k, scale, offset, window_left, window_right, softcap,
+          bias_kind, dropout_p, seq_mode, max_seqlen_q, max_seqlen_k):
+        lse_shape = (q.shape[1], q.shape[0]) if seq_mode == 1 else (q.shape[0], q.shape[1], q.shape[2])
+        return (torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32),
+                torch.empty((), dtype=torch.int64))
+
+    @torch.library.custom_op("flashattn_py::attn_bwd", mutates_args=())
+    def _attn_bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                     lse: torch.Tensor, dlse: torch.Tensor | None, bias: torch.Tensor | None,
+                     alibi: torch.Tensor | None, cu_seqlens_q: torch.Tensor | None,
+                     cu_seqlens_k: torch.Tensor | None, seed: torch.Tensor, need_dbias: bool, scale: float,
+                     offset: int, window_left: int, window_right: int, softcap: float, bias_kind: int,
+                     dropout_p: float, seq_mode: int, max_seqlen_q: int, max_seqlen_k: int,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        spec, seq = _unpack(cu_seqlens_q, cu_seqlens_k, scale, offset, window_left, window_right, softcap, bias_kind,
+                            dropout_p, seq_mode, max_seqlen_q, max_seqlen_k, int(seed.item()))
+        dq, dk, dv, dbias = attn_bwd(*(_as_4d(t, seq_mode) for t in (do, q, k, v, o)), lse, dlse, bias, alibi,
+                                     need_dbias, spec, seq)
+        grads = [_fresh(_from_4d(g, seq_mode)) for g in (dq, dk, dv)]
+        dbias = dbias.to(bias.dtype) if dbias is not None else q.new_empty(0)
+        return grads[0], grads[1], grads[2], dbias
+
+    @_attn_bwd_op.register_fake
+    def _(do, q, k, v, o, lse, dlse, bias, alibi, cu_seqlens_q, cu_seqlens_k, seed, need_dbias, *scalars):
+        dbias = torch.empty(bias.shape, dtype=bias.dtype, device=bias.device) if need_dbias else q.new_empty(0)
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
+
+    def _fwd_setup_context(ctx, inputs, output):
+        q, k, v, bias, alibi, cu_q, cu_k, *scalars = inputs
+        o, lse, seed = output
+        ctx.save_for_backward(q, k, v, o, lse, bias, alibi, cu_q, cu_k, seed)
+        ctx.scalars = scalars
+
+    def _fwd_backward(ctx, do, dlse, _dseed):
+        q, k, v, o, lse, bias, alibi, cu_q, cu_k, seed = ctx.saved_tensors
+        need_dbias = bias is not None and ctx.needs_input_grad[3]
+        if do is None:
+            do = torch.zeros_like(o)
+        dq, dk, dv, dbias = torch.ops.flashattn_py.attn_bwd(do, q, k, v, o, lse, dlse, bias, alibi, cu_q, cu_k, seed,
+                                                            need_dbias, *ctx.scalars)
+        return (dq, dk, dv, dbias if need_dbias else None) + (None,) * (3 + len(ctx.scalars))
+
+    torch.library.register_autograd("flashattn_py::attn_fwd", _fwd_backward, setup_context=_fwd_setup_context)
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+                    alibi: torch.Tensor | None, spec: AttnSpec, seq: SeqLayout = DENSE,
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable attention: the custom op where torch has them, the autograd Function otherwise.
+
+    q, k, v are dense (B, H, S, D), or packed (total, H, D) when seq.mode == 1.
+    Returns (O like q, LSE). The dropout seed in `spec` is ignored: each call draws its own.
+    """
+    scalars = (spec.scale, spec.offset, spec.window_left, spec.window_right, spec.softcap, spec.bias_kind,
+               spec.dropout_p, seq.mode, seq.max_seqlen_q, seq.max_seqlen_k)
+    if _HAS_CUSTOM_OP:
+        o, lse, _ = torch.ops.flashattn_py.attn_fwd(q, k, v, bias, alibi, seq.cu_seqlens_q, seq.cu_seqlens_k,
+                                                   *scalars)
+        return o, lse
+    from dataclasses import replace
+
+    spec = replace(spec, seed=_draw_seed(spec.dropout_p))
+    o, lse = FlashAttnFunction.apply(*(_as_4d(t, seq.mode) for t in (q, k, v)), bias, alibi, spec, seq)
+    return _from_4d(o, seq.mode), lse
