@@ -110,3 +110,9 @@ def test_opcheck(case, device):
         q, k, v = t(1, 2, 10, 16), t(1, 2, 10, 16), t(1, 2, 10, 16)
         args = (q, k, v, None, None, None, None, 0.25, 0, -1, 0, 0.0, 0, 0.0, 0, 0, 0)
     torch.library.opcheck(torch.ops.flashattn_py.attn_fwd.default, args)
+    if case == "dense":  # the backward op on its own, with an LSE gradient
+        o, lse, seed = torch.ops.flashattn_py.attn_fwd(*args)
+        do, dlse = torch.randn_like(o), torch.randn_like(lse)
+        bwd_args = (do, q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(), dlse, None, None, None, None,
+                    seed, False, *args[7:])
+        torch.library.opcheck(torch.ops.flashattn_py.attn_bwd.default, bwd_args)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import DEVICE
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from numerics import check_against_reference
@@ -46,7 +47,8 @@ def _tensor(shape, layout, dtype, device, gen):
 
 @SETTINGS
 @given(p=problems())
-def test_random_problems(p, device):
+def test_random_problems(p):
+    device = DEVICE
     gen = torch.Generator().manual_seed(p["seed"])
     q = _tensor((p["B"], p["H"], p["Sq"], p["D"]), p["layout"], p["dtype"], device, gen)
     k = _tensor((p["B"], p["H_kv"], p["Sk"], p["D"]), p["layout"], p["dtype"], device, gen)
@@ -80,10 +82,11 @@ def test_gradcheck_float64_torch_path(device):
     assert torch.autograd.gradcheck(_features, _gradcheck_inputs(torch.float64, device))
 
 
+@pytest.mark.filterwarnings("ignore:Input #:UserWarning")
 def test_gradcheck_float32_kernels(device, triton_ran):
-    """Through the Triton kernels in fp32: finite differences need loose tolerances."""
+    """Through the Triton kernels in fp32: finite differences need loose tolerances (fast mode: random projections)."""
     assert torch.autograd.gradcheck(_features, _gradcheck_inputs(torch.float32, device), eps=1e-2, atol=2e-2,
-                                    rtol=2e-2, nondet_tol=0.0)
+                                    rtol=2e-2, nondet_tol=0.0, fast_mode=True)
     triton_ran("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_dbias")
 
 
