@@ -8,14 +8,13 @@ buffer). Reported: achieved GB/s and its fraction of that ceiling.
 from __future__ import annotations
 
 import functools
-import statistics
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
 from flashattn_py import attention_with_kvcache
+
+from .suite import _time_ms
 
 STANDARD = [(16, 32, 8, 128, 4096), (16, 32, 8, 128, 16384), (16, 32, 8, 128, 65536)]  # B, H, H_kv, D, cache
 QUICK_CPU = [(2, 4, 2, 32, 256)]
@@ -37,20 +36,6 @@ class DecodeRecord:
     fraction_of_copy: float | None
     status: str
     message: str | None = None
-
-
-def _time_ms(fn: Callable[[], object], on_gpu: bool) -> float:
-    if on_gpu:
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-    fn()
-    samples = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(samples)
 
 
 def copy_bandwidth_gbps(device: torch.device) -> float:
