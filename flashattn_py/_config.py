@@ -70,3 +70,11 @@ def dq_configs(block_d: int, elem_bytes: int, capability: tuple[int, int]) -> li
         return [KernelConfig(128, 32, 8, 2), KernelConfig(64, 32, 4, 2), KernelConfig(32, 16, 4, 1)]
     return [KernelConfig(64, 32, 8, 1), KernelConfig(64, 16, 4, 1), KernelConfig(32, 16, 4, 1),
             KernelConfig(16, 16, 4, 1)]
+
+
+def decode_configs(block_d: int, elem_bytes: int, capability: tuple[int, int]) -> list[KernelConfig]:
+    """KV-cache decoding: a handful of query rows, so the smallest M tl.dot takes and long key blocks."""
+    del capability
+    if elem_bytes == 4 or block_d > 128:
+        return [KernelConfig(16, 64, 4, 2), KernelConfig(16, 32, 4, 1), KernelConfig(16, 16, 4, 1)]
+    return [KernelConfig(16, 128, 4, 3), KernelConfig(16, 64, 4, 2), KernelConfig(16, 32, 4, 1)]

@@ -251,6 +251,8 @@ def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
                     EVEN_D=block_d == D, DOT_PRECISION=_dot_precision(q.dtype), **_features(spec, alibi))
 
     configs = _configs("fwd", q, block_d)
+    if seq.mode == 2 and q.is_cuda and Sq <= 16:  # decoding: do not spend a 128-row tile on one query
+        configs = _config.decode_configs(block_d, q.element_size(), _capability(q))
     if num_splits > 1:  # split boundaries must fall on key blocks: keep one BLOCK_N
         configs = [c for c in configs if c.block_n == configs[0].block_n]
         split_len = triton.cdiv(triton.cdiv(seqlen_k, num_splits), configs[0].block_n) * configs[0].block_n
@@ -263,7 +265,7 @@ def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
                  *table_strides, H, H // k.shape[1], Sq, seqlen_k, spec.offset, spec.window_left, spec.window_right,
                  qk_scale, softcap_log2, spec.dropout_p, spec.seed, page_size, split_len),
                 lambda c: (triton.cdiv(max_q, c.block_m), B * H, max(num_splits, 1)), constexprs, configs,
-                (block_d, q.dtype, _capability(q), num_splits > 1))
+                (block_d, q.dtype, _capability(q), num_splits > 1, seq.mode == 2 and Sq <= 16))
     if num_splits > 1:  # flash-decoding: merge the splits by their log-sum-exp
         lse_all = torch.logsumexp(lse, dim=0)
         weights = torch.exp(lse - torch.where(torch.isneginf(lse_all), torch.inf, lse_all))

@@ -138,7 +138,7 @@ def _attn_bwd_dkdv_inner(
         p_t, _, ds_t = _attn_bwd_ds(qk_t, do, v, lse2, delta, rows[None, :], cols[:, None], qk_scale, softcap_log2,
                                     alibi_slope, bias_base, stride_biasm, stride_biasn, bh, seed, dropout_p,
                                     seqlen_q, seqlen_k, offset, left, right, SOFTCAP, ALIBI, BIAS_KIND, DROPOUT,
-                                    False, MASKED and HAS_LEFT, MASKED and HAS_RIGHT, True, DOT_PRECISION)
+                                    False, MASKED & HAS_LEFT, MASKED & HAS_RIGHT, True, DOT_PRECISION)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
@@ -266,7 +266,7 @@ def _attn_bwd_dq_inner(
         _, _, ds = _attn_bwd_ds(qk, do, v, lse2, delta, rows[:, None], cols[None, :], qk_scale, softcap_log2,
                                 alibi_slope, bias_base, stride_biasm, stride_biasn, bh, seed, dropout_p,
                                 seqlen_q, seqlen_k, offset, left, right, SOFTCAP, ALIBI, BIAS_KIND, DROPOUT,
-                                MASKED, MASKED and HAS_LEFT, MASKED and HAS_RIGHT, False, DOT_PRECISION)
+                                MASKED, MASKED & HAS_LEFT, MASKED & HAS_RIGHT, False, DOT_PRECISION)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 

@@ -63,7 +63,7 @@ def _attn_fwd_inner(
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         qk, _ = _score_mods(qk, rows[:, None], cols[None, :], qk_scale, softcap_log2, alibi_slope,
                             bias_base, stride_biasm, stride_biasn, seqlen_q, seqlen_k, offset, left, right,
-                            SOFTCAP, ALIBI, BIAS_KIND, MASKED, MASKED and HAS_LEFT, MASKED and HAS_RIGHT)
+                            SOFTCAP, ALIBI, BIAS_KIND, MASKED, MASKED & HAS_LEFT, MASKED & HAS_RIGHT)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         if MASKED or BIAS_KIND != 0:
             # a row that has seen no key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
