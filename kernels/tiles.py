@@ -8,8 +8,8 @@ compiles to unmasked loads.
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
-LN2: tl.constexpr = 0.6931471805599453  # ln(2): turns a base-2 log-sum-exp back into natural log
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2): turns a base-2 log-sum-exp back into natural log
 
 
 @triton.jit
