@@ -147,6 +147,11 @@ def check_cu_seqlens(cu: object, name: str, total: int, max_seqlen: object, devi
         raise TypeError(f"max_seqlen for {name} must be a non-negative int, got {max_seqlen!r}")
     if _compiling():  # reading the offsets would break the graph: the shape checks above still hold
         return cu.numel() - 1
+    # Reading the offsets is a device-to-host sync: do it once per tensor (and per in-place change of it),
+    # not once per layer when a model passes the same cu_seqlens to every attention call.
+    key = (cu.data_ptr(), cu._version, cu.numel(), str(cu.device), name, total, max_seqlen)
+    if key in _validated_offsets:
+        return cu.numel() - 1
     values = cu.tolist()
     if values[0] != 0 or any(b < a for a, b in zip(values, values[1:], strict=False)):
         shown = f"{values[:8]}{'...' if len(values) > 8 else ''}"
@@ -156,4 +161,10 @@ def check_cu_seqlens(cu: object, name: str, total: int, max_seqlen: object, devi
     longest = max((b - a for a, b in zip(values, values[1:], strict=False)), default=0)
     if longest > max_seqlen:
         raise ValueError(f"max_seqlen for {name} is {max_seqlen} but a sequence has {longest} tokens")
+    if len(_validated_offsets) >= 64:
+        _validated_offsets.clear()
+    _validated_offsets.add(key)
     return len(values) - 1
+
+
+_validated_offsets: set[tuple] = set()

@@ -306,12 +306,11 @@ def triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     cu_k = seq.cu_seqlens_k if packed else q
     runtime = (H, kv_group, Sq, Sk, spec.offset, spec.window_left, spec.window_right, qk_scale, softcap_log2,
                spec.scale, spec.dropout_p, spec.seed)
-    o4 = o
     pre_batch = 1 if packed else B  # the preprocess is row-wise: packed rows are one long "sequence"
 
     with _device_of(q):
         _launch("attn_bwd_preprocess", kernels._attn_bwd_preprocess,
-                (o4, do, dlse if dlse is not None else delta, delta, *_bhs_strides(o4), *_bhs_strides(do), H, Sq),
+                (o, do, dlse if dlse is not None else delta, delta, *_bhs_strides(o), *_bhs_strides(do), H, Sq),
                 lambda cfg: (triton.cdiv(Sq, pre_block), pre_batch * H),
                 lambda cfg: dict(HEAD_DIM=D, BLOCK_D=block_d, BLOCK_M=pre_block, HAS_DLSE=dlse is not None,
                                  EVEN_M=Sq % pre_block == 0, EVEN_D=even_d),

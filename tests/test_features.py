@@ -252,3 +252,15 @@ def test_torch_backend_features(mode, monkeypatch):
         monkeypatch.setattr(ops, "uses_triton", lambda t: False)
         theirs = attention_with_kvcache(q, cache_k.clone(), cache_v.clone(), lens)
         torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_varlen_offsets_checked_once_per_tensor(device):
+    """Validation reads cu_seqlens once per tensor version; an in-place edit is checked again."""
+    q = torch.randn(10, 2, 16, device=device)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=device)
+    attention_varlen(q, q, q, cu, cu, 6, 6)
+    cu[1] = 7  # still valid: 0, 7, 10
+    attention_varlen(q, q, q, cu, cu, 7, 7)
+    cu[1] = 11  # now decreasing: must be caught despite the earlier check of the same tensor
+    with pytest.raises(ValueError, match="never decrease"):
+        attention_varlen(q, q, q, cu, cu, 11, 11)
