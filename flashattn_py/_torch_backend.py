@@ -12,6 +12,7 @@ forward's mask; the stream differs from the kernels' (same distribution).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -153,8 +154,6 @@ def _cache_kv(t: torch.Tensor, seq: SeqLayout, b: int) -> torch.Tensor:
 
 
 def attn_fwd(q, k, v, bias, alibi, spec: AttnSpec, seq: SeqLayout):
-    from dataclasses import replace
-
     if seq.mode == 0:
         return _dense_fwd(q, k, v, bias, alibi, spec)
     if seq.mode == 1:
@@ -171,8 +170,6 @@ def attn_fwd(q, k, v, bias, alibi, spec: AttnSpec, seq: SeqLayout):
 
 
 def attn_bwd(do, q, k, v, o, lse, dlse, bias, alibi, need_dbias, spec: AttnSpec, seq: SeqLayout):
-    from dataclasses import replace
-
     if seq.mode == 0:
         return _dense_bwd(do, q, k, v, o, lse, dlse, bias, alibi, need_dbias, spec)
     dq = torch.zeros_like(q.transpose(1, 2)[0]).unsqueeze(0).transpose(1, 2)

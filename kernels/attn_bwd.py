@@ -26,7 +26,16 @@ import triton
 import triton.language as tl
 
 from .attn_fwd import _seq_bounds
-from .tiles import LOG2E, _band_range, _dropout_keep, _load_row_stat, _load_rows, _score_mods, _store_rows
+from .tiles import (
+    LOG2E,
+    _band_range,
+    _dropout_keep,
+    _load_row_stat,
+    _load_rows,
+    _score_mods,
+    _store_rows,
+    _tile_ptrs,
+)
 
 
 @triton.jit
@@ -49,11 +58,9 @@ def _attn_bwd_preprocess(
     offs_d = tl.arange(0, BLOCK_D)
     rows = start_m + offs_m
 
-    o = _load_rows(O + b64 * stride_ob + h64 * stride_oh + m64 * stride_om
-                   + offs_m[:, None] * stride_om + offs_d[None, :],
+    o = _load_rows(_tile_ptrs(O + b64 * stride_ob + h64 * stride_oh, m64, offs_m, offs_d, stride_om),
                    rows, seqlen_q, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
-    do = _load_rows(DO + b64 * stride_dob + h64 * stride_doh + m64 * stride_dom
-                    + offs_m[:, None] * stride_dom + offs_d[None, :],
+    do = _load_rows(_tile_ptrs(DO + b64 * stride_dob + h64 * stride_doh, m64, offs_m, offs_d, stride_dom),
                     rows, seqlen_q, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     row_offs = tl.cast(pid_bh, tl.int64) * seqlen_q + rows
@@ -124,10 +131,9 @@ def _attn_bwd_dkdv_inner(
 ):
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
-        m64 = tl.cast(start_m, tl.int64)
-        q = _load_rows(q_base + m64 * stride_qm + offs_m[:, None] * stride_qm + offs_d[None, :],
+        q = _load_rows(_tile_ptrs(q_base, start_m, offs_m, offs_d, stride_qm),
                        rows, seqlen_q, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
-        do = _load_rows(do_base + m64 * stride_dom + offs_m[:, None] * stride_dom + offs_d[None, :],
+        do = _load_rows(_tile_ptrs(do_base, start_m, offs_m, offs_d, stride_dom),
                         rows, seqlen_q, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
         # rows past seqlen_q read lse = -inf -> +inf -> P = 0: they add nothing
         lse2 = _lse_log2(_load_row_stat(lse_base + rows, rows, seqlen_q, float("-inf"), EVEN_M))
@@ -185,11 +191,9 @@ def _attn_bwd_dkdv(
     cols = start_n + offs_n
 
     # keys past this sequence load as 0; their dK/dV rows are computed but never stored
-    k = _load_rows(K + b64 * stride_kb + hkv64 * stride_kh + n64 * stride_kn
-                   + offs_n[:, None] * stride_kn + offs_d[None, :],
+    k = _load_rows(_tile_ptrs(K + b64 * stride_kb + hkv64 * stride_kh, n64, offs_n, offs_d, stride_kn),
                    cols, sk, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
-    v = _load_rows(V + b64 * stride_vb + hkv64 * stride_vh + n64 * stride_vn
-                   + offs_n[:, None] * stride_vn + offs_d[None, :],
+    v = _load_rows(_tile_ptrs(V + b64 * stride_vb + hkv64 * stride_vh, n64, offs_n, offs_d, stride_vn),
                    cols, sk, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -236,11 +240,9 @@ def _attn_bwd_dkdv(
         )
 
     dk *= sm_scale
-    _store_rows(DK + b64 * stride_dkb + hkv64 * stride_dkh + tl.cast(k_start + start_n, tl.int64) * stride_dkn
-                + offs_n[:, None] * stride_dkn + offs_d[None, :],
+    _store_rows(_tile_ptrs(DK + b64 * stride_dkb + hkv64 * stride_dkh, k_start + start_n, offs_n, offs_d, stride_dkn),
                 dk.to(DK.dtype.element_ty), cols, sk, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
-    _store_rows(DV + b64 * stride_dvb + hkv64 * stride_dvh + tl.cast(k_start + start_n, tl.int64) * stride_dvn
-                + offs_n[:, None] * stride_dvn + offs_d[None, :],
+    _store_rows(_tile_ptrs(DV + b64 * stride_dvb + hkv64 * stride_dvh, k_start + start_n, offs_n, offs_d, stride_dvn),
                 dv.to(DV.dtype.element_ty), cols, sk, offs_d, HEAD_DIM, EVEN_N, EVEN_D)
 
 
@@ -256,10 +258,9 @@ def _attn_bwd_dq_inner(
 ):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        n64 = tl.cast(start_n, tl.int64)
-        k = _load_rows(k_base + n64 * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :],
+        k = _load_rows(_tile_ptrs(k_base, start_n, offs_n, offs_d, stride_kn),
                        cols, seqlen_k, offs_d, HEAD_DIM, not MASKED, EVEN_D)
-        v = _load_rows(v_base + n64 * stride_vn + offs_n[:, None] * stride_vn + offs_d[None, :],
+        v = _load_rows(_tile_ptrs(v_base, start_n, offs_n, offs_d, stride_vn),
                        cols, seqlen_k, offs_d, HEAD_DIM, not MASKED, EVEN_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         # keys past seqlen_k must go too: their zero scores could overflow exp2, and 0 * inf = NaN
@@ -306,11 +307,9 @@ def _attn_bwd_dq(
     offs_d = tl.arange(0, BLOCK_D)
     rows = start_m + offs_m
 
-    q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh + m64 * stride_qm
-                   + offs_m[:, None] * stride_qm + offs_d[None, :],
+    q = _load_rows(_tile_ptrs(Q + b64 * stride_qb + h64 * stride_qh, m64, offs_m, offs_d, stride_qm),
                    rows, sq, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
-    do = _load_rows(DO + b64 * stride_dob + h64 * stride_doh + m64 * stride_dom
-                    + offs_m[:, None] * stride_dom + offs_d[None, :],
+    do = _load_rows(_tile_ptrs(DO + b64 * stride_dob + h64 * stride_doh, m64, offs_m, offs_d, stride_dom),
                     rows, sq, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
     row_base = b64 * stride_lseb + h64 * stride_lseh + q_start
     lse2 = _lse_log2(_load_row_stat(LSE + row_base + rows, rows, sq, float("-inf"), EVEN_M))
@@ -347,8 +346,7 @@ def _attn_bwd_dq(
     )
 
     dq *= sm_scale
-    _store_rows(DQ + b64 * stride_dqb + h64 * stride_dqh + m64 * stride_dqm
-                + offs_m[:, None] * stride_dqm + offs_d[None, :],
+    _store_rows(_tile_ptrs(DQ + b64 * stride_dqb + h64 * stride_dqh, m64, offs_m, offs_d, stride_dqm),
                 dq.to(DQ.dtype.element_ty), rows, sq, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
 
 
@@ -402,29 +400,27 @@ def _attn_bwd_dbias(
             hkv64 = tl.cast(off_h // kv_group, tl.int64)
             bh = off_b * num_heads + off_h
             bias_base = BIAS + b64 * stride_biasb + h64 * stride_biash
+            q_base = Q + b64 * stride_qb + h64 * stride_qh
+            do_base = DO + b64 * stride_dob + h64 * stride_doh
+            k_base = K + b64 * stride_kb + hkv64 * stride_kh
+            v_base = V + b64 * stride_vb + hkv64 * stride_vh
             alibi_slope = 0.0
             if ALIBI_ON:
                 alibi_slope = tl.load(ALIBI + b64 * stride_alibib + h64 * stride_alibih).to(tl.float32)
             for start_m in range(m_lo, m_hi, BLOCK_M):
                 rows = start_m + offs_m
-                m64 = tl.cast(start_m, tl.int64)
-                q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh + m64 * stride_qm
-                               + offs_m[:, None] * stride_qm + offs_d[None, :],
+                q = _load_rows(_tile_ptrs(q_base, start_m, offs_m, offs_d, stride_qm),
                                rows, seqlen_q, offs_d, HEAD_DIM, False, EVEN_D)
-                do = _load_rows(DO + b64 * stride_dob + h64 * stride_doh + m64 * stride_dom
-                                + offs_m[:, None] * stride_dom + offs_d[None, :],
+                do = _load_rows(_tile_ptrs(do_base, start_m, offs_m, offs_d, stride_dom),
                                 rows, seqlen_q, offs_d, HEAD_DIM, False, EVEN_D)
                 row_offs = tl.cast(bh, tl.int64) * seqlen_q + rows
                 lse2 = _lse_log2(_load_row_stat(LSE + row_offs, rows, seqlen_q, float("-inf"), False))
                 delta = _load_row_stat(DELTA + row_offs, rows, seqlen_q, 0.0, False)
                 for start_n in range(n_lo, n_hi, BLOCK_N):
                     cols = start_n + offs_n
-                    n64 = tl.cast(start_n, tl.int64)
-                    k = _load_rows(K + b64 * stride_kb + hkv64 * stride_kh + n64 * stride_kn
-                                   + offs_n[:, None] * stride_kn + offs_d[None, :],
+                    k = _load_rows(_tile_ptrs(k_base, start_n, offs_n, offs_d, stride_kn),
                                    cols, seqlen_k, offs_d, HEAD_DIM, False, EVEN_D)
-                    v = _load_rows(V + b64 * stride_vb + hkv64 * stride_vh + n64 * stride_vn
-                                   + offs_n[:, None] * stride_vn + offs_d[None, :],
+                    v = _load_rows(_tile_ptrs(v_base, start_n, offs_n, offs_d, stride_vn),
                                    cols, seqlen_k, offs_d, HEAD_DIM, False, EVEN_D)
                     qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
                     _, ds, _ = _attn_bwd_ds(qk, do, v, lse2, delta, rows[:, None], cols[None, :], qk_scale,

@@ -20,7 +20,7 @@ that the host merges by their LSE).
 import triton
 import triton.language as tl
 
-from .tiles import LN2, _band_range, _dropout_keep, _load_rows, _score_mods, _store_rows
+from .tiles import LN2, _band_range, _dropout_keep, _load_rows, _score_mods, _store_rows, _tile_ptrs
 
 
 @triton.jit
@@ -38,8 +38,7 @@ def _kv_tile(base, start_n, offs_n, offs_d, stride_n, seqlen_k, table_row, strid
                 + offs_d[None, :])
         tile = _load_rows(ptrs, cols, seqlen_k, offs_d, HEAD_DIM, False, EVEN_D)
     else:
-        n64 = tl.cast(start_n, tl.int64)  # 64-bit: start_n * stride can pass 2**31 on long sequences
-        tile = _load_rows(base + n64 * stride_n + offs_n[:, None] * stride_n + offs_d[None, :],
+        tile = _load_rows(_tile_ptrs(base, start_n, offs_n, offs_d, stride_n),
                           cols, seqlen_k, offs_d, HEAD_DIM, EVEN_ROWS, EVEN_D)
     return tile
 
@@ -155,8 +154,7 @@ def _attn_fwd(
     h64 = tl.cast(off_h, tl.int64)
     hkv64 = tl.cast(off_h // kv_group, tl.int64)
     m64 = tl.cast(q_start + start_m, tl.int64)
-    q = _load_rows(Q + b64 * stride_qb + h64 * stride_qh + m64 * stride_qm
-                   + offs_m[:, None] * stride_qm + offs_d[None, :],
+    q = _load_rows(_tile_ptrs(Q + b64 * stride_qb + h64 * stride_qh, m64, offs_m, offs_d, stride_qm),
                    rows, sq, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
     if PAGED:  # K/V heads inside a page; pages come from this sequence's row of the block table
         k_base = K + hkv64 * stride_kh
@@ -214,8 +212,7 @@ def _attn_fwd(
     acc = acc / l_safe[:, None]
 
     s64 = tl.cast(pid_s, tl.int64)
-    o_ptrs = (O + s64 * stride_os + b64 * stride_ob + h64 * stride_oh + m64 * stride_om
-              + offs_m[:, None] * stride_om + offs_d[None, :])
+    o_ptrs = _tile_ptrs(O + s64 * stride_os + b64 * stride_ob + h64 * stride_oh, m64, offs_m, offs_d, stride_om)
     _store_rows(o_ptrs, acc.to(O.dtype.element_ty), rows, sq, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
     lse_ptrs = LSE + s64 * stride_lses + b64 * stride_lseb + h64 * stride_lseh + q_start + rows
     if EVEN_M:

@@ -13,6 +13,15 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln(2): turns a base-2 log-sum-exp back
 
 
 @triton.jit
+def _tile_ptrs(base, start, offs, offs_d, stride):
+    """Pointers to rows start + offs (x head dim offs_d) of a slab with row `stride` and unit last stride.
+
+    `start * stride` is taken in 64 bit: on long sequences it can pass 2**31.
+    """
+    return base + tl.cast(start, tl.int64) * stride + offs[:, None] * stride + offs_d[None, :]
+
+
+@triton.jit
 def _load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, EVEN_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
     """Load a [rows, BLOCK_D] tile; rows >= n_rows and columns >= HEAD_DIM read as 0."""
     if EVEN_ROWS:
