@@ -17,7 +17,9 @@ from flashattn_py import attention_with_kvcache
 from .suite import _time_ms
 
 STANDARD = [(16, 32, 8, 128, 4096), (16, 32, 8, 128, 16384), (16, 32, 8, 128, 65536)]  # B, H, H_kv, D, cache
-QUICK_CPU = [(2, 4, 2, 32, 256)]
+CPU = [(4, 16, 4, 128, 8192)]  # the PyTorch path (one dense problem per sequence)
+QUICK_CPU = [(2, 8, 2, 64, 1024)]
+INTERPRETER = [(2, 4, 2, 32, 256)]  # Triton's CPU interpreter: tiny, a smoke run
 
 
 @dataclass
@@ -40,18 +42,23 @@ class DecodeRecord:
 
 def copy_bandwidth_gbps(device: torch.device) -> float:
     """Device-to-device copy: (read + write) bytes / time, on a buffer far larger than the caches."""
-    n = (1 << 28) if device.type == "cuda" else (1 << 22)
+    n = (1 << 28) if device.type == "cuda" else (1 << 25)
     src = torch.empty(n, dtype=torch.float32, device=device).uniform_()
     dst = torch.empty_like(src)
     ms = _time_ms(lambda: dst.copy_(src), device.type == "cuda")
     return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
 
 
-def run_decode(device: torch.device, quick: bool, dtype: str = "bfloat16") -> list[DecodeRecord]:
+def run_decode(device: torch.device, quick: bool, dtype: str = "bfloat16",
+               interpreter: bool = False) -> list[DecodeRecord]:
     on_gpu = device.type == "cuda"
-    if not on_gpu:
+    if interpreter:
         dtype = "float16"  # the interpreter's bf16 dot is broken (triton #11584)
-    shapes = QUICK_CPU if not on_gpu else (STANDARD[:1] if quick else STANDARD)
+        shapes = INTERPRETER
+    elif on_gpu:
+        shapes = STANDARD[:1] if quick else STANDARD
+    else:
+        shapes = QUICK_CPU if quick else CPU
     copy = copy_bandwidth_gbps(device)
     records = []
     for B, H, H_kv, D, S in shapes:
@@ -63,7 +70,7 @@ def run_decode(device: torch.device, quick: bool, dtype: str = "bfloat16") -> li
                 k_new = torch.randn(B, H_kv, 1, D, device=device, dtype=tdt)
                 v_new = torch.randn_like(k_new)
                 if paged:
-                    page = 256 if on_gpu else 64
+                    page = 64 if interpreter else 256
                     pages = B * (S // page)
                     k_cache = torch.randn(pages, H_kv, page, D, device=device, dtype=tdt)
                     v_cache = torch.randn_like(k_cache)

@@ -1,8 +1,12 @@
-"""The implementations the suite compares, each a factory: (causal) -> f(q, k, v) -> out.
+"""The implementations the suite compares.
 
-All take and return (B, H, S, D) tensors and use top-left causal alignment with
-Sq == Sk (where every convention agrees). A factory raises `Unsupported` when
-the implementation cannot run here at all (package missing, no GPU).
+GPU: each a factory ``(causal) -> f(q, k, v) -> out`` (`IMPLEMENTATIONS`): (B, H, S, D)
+tensors, top-left causal alignment with Sq == Sk (where every convention agrees).
+CPU: each a factory ``(variant, causal, heads) -> f(q, k, v) -> out`` (`CPU_IMPLEMENTATIONS`)
+that also knows the feature variants (sliding window, ALiBi, softcap, bottom-right
+causal); PyTorch's SDPA gets those as the dense mask a user would build.
+A factory raises `Unsupported` when the implementation cannot run here at all
+(package missing, no GPU) or cannot express the case.
 """
 
 from __future__ import annotations
@@ -28,6 +32,11 @@ def _flashattn_py(causal: bool) -> AttnFn:
 
 def _naive(causal: bool) -> AttnFn:
     return lambda q, k, v: attention_reference(q, k, v, causal=causal)
+
+
+def _sdpa_default(causal: bool) -> AttnFn:
+    """PyTorch's own choice of kernel (on CPU: its fused flash-attention kernel)."""
+    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 
 
 def _sdpa(backend_name: str) -> Callable[[bool], AttnFn]:
@@ -90,10 +99,79 @@ def _flash_attn(causal: bool) -> AttnFn:
 IMPLEMENTATIONS: dict[str, Callable[[bool], AttnFn]] = {
     "flashattn_py": _flashattn_py,
     "naive": _naive,
+    "sdpa": _sdpa_default,
     "sdpa_flash": _sdpa("FLASH_ATTENTION"),
     "sdpa_efficient": _sdpa("EFFICIENT_ATTENTION"),
     "sdpa_cudnn": _sdpa("CUDNN_ATTENTION"),
     "sdpa_math": _sdpa("MATH"),
     "flex": _flex,
     "flash_attn": _flash_attn,
+}
+
+
+# --- CPU: the same three implementations, feature variants included ------------------------------------------------
+
+WINDOW = 256
+SOFTCAP = 30.0
+VARIANTS = ("", "window", "alibi", "softcap", "bottom_right")
+
+
+def alibi_slopes(heads: int) -> torch.Tensor:
+    """The ALiBi paper's geometric slopes 2^(-8 (h + 1) / H)."""
+    return torch.tensor([2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)])
+
+
+def variant_kwargs(variant: str, causal: bool, heads: int) -> dict:
+    """`flashattn_py.attention` / `attention_reference` keyword arguments of a variant."""
+    if variant == "":
+        return {"causal": causal}
+    if variant == "window":  # a sliding window of WINDOW keys to the left (causal: none to the right)
+        return {"causal": causal, "window": (WINDOW, 0 if causal else WINDOW)}
+    if variant == "alibi":
+        return {"causal": causal, "alibi_slopes": alibi_slopes(heads)}
+    if variant == "softcap":
+        return {"causal": causal, "softcap": SOFTCAP}
+    if variant == "bottom_right":
+        return {"causal": "bottom_right"}
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def _dense_sdpa_mask(variant: str, causal: bool, heads: int, sq: int, sk: int, dtype: torch.dtype,
+                     ) -> torch.Tensor | None:
+    """The dense (.., Sq, Sk) mask a PyTorch user passes SDPA for a variant (built once, outside the timings)."""
+    from flashattn_py.reference import reference_scores
+
+    kwargs = variant_kwargs(variant, causal, heads)
+    zeros = torch.zeros(1, heads if variant == "alibi" else 1, sq, 1)
+    scores = reference_scores(zeros, torch.zeros(1, zeros.shape[1], sk, 1), scale=1.0, **kwargs)[0]
+    if variant == "alibi":  # a float bias (causal part included as -inf), in q's dtype
+        return scores.to(dtype)
+    return ~torch.isneginf(scores)  # (1, Sq, Sk) bool, True = takes part
+
+
+def _cpu_flashattn_py(case) -> AttnFn:
+    kwargs = variant_kwargs(case.variant, case.causal, case.heads)
+    return lambda q, k, v: flashattn_py.attention(q, k, v, **kwargs)
+
+
+def _cpu_naive(case) -> AttnFn:
+    kwargs = variant_kwargs(case.variant, case.causal, case.heads)
+    return lambda q, k, v: attention_reference(q, k, v, **kwargs)
+
+
+def _cpu_sdpa(case) -> AttnFn:
+    if case.variant == "":
+        return _sdpa_default(case.causal)
+    if case.variant == "softcap":
+        raise Unsupported("torch SDPA has no softcap")
+    # the dense mask is an input (built here, outside the timed and measured calls), as a user would hold it
+    mask = _dense_sdpa_mask(case.variant, case.causal, case.heads, case.seqlen_q, case.seqlen_k, case.torch_dtype)
+    return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+# factories (case) -> f(q, k, v); `case` is a `suite.Case` (variant, causal, heads, seqlen_q/k, torch_dtype)
+CPU_IMPLEMENTATIONS: dict[str, Callable[[object], AttnFn]] = {
+    "flashattn_py": _cpu_flashattn_py,
+    "sdpa": _cpu_sdpa,
+    "naive": _cpu_naive,
 }

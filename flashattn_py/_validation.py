@@ -7,6 +7,20 @@ import numbers
 
 import torch
 
+
+class InputError(ValueError, RuntimeError):
+    """Bad input to a public function (a shape, a value, a combination of arguments).
+
+    A ValueError, as documented, and also a RuntimeError, which is what
+    ``torch.nn.functional.scaled_dot_product_attention`` raises for invalid input:
+    code that wraps torch's SDPA in ``except RuntimeError`` catches ours too.
+    """
+
+
+class InputTypeError(TypeError, RuntimeError):
+    """An argument of the wrong type or dtype; a TypeError and, like torch's SDPA errors, a RuntimeError."""
+
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
 
@@ -17,39 +31,39 @@ def check_qkv(q: object, k: object, v: object, allow_gqa: bool = True) -> None:
     """q (B, H, Sq, D), k and v (B, H_kv, Sk, D), H a multiple of H_kv: one dtype and device, last dim contiguous."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise InputTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, heads, seqlen, head_dim), got shape {tuple(t.shape)}")
+            raise InputError(f"{name} must be 4-D (batch, heads, seqlen, head_dim), got shape {tuple(t.shape)}")
         if t.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+            raise InputTypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise InputTypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+        raise InputError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     if q.shape[0] != k.shape[0] or q.shape[0] != v.shape[0]:
-        raise ValueError(
+        raise InputError(
             f"q, k and v must have the same batch (dim 0), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape[1] != v.shape[1]:
-        raise ValueError(f"k and v must have the same number of heads (dim 1), got {k.shape[1]} and {v.shape[1]}")
+        raise InputError(f"k and v must have the same number of heads (dim 1), got {k.shape[1]} and {v.shape[1]}")
     if not allow_gqa and q.shape[1] != k.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"q, k and v must have the same number of heads (dim 1) unless enable_gqa=True, got {q.shape[1]}, "
             f"{k.shape[1]}, {v.shape[1]}")
     if (q.shape[1] % k.shape[1] != 0) if k.shape[1] else q.shape[1] != 0:
-        raise ValueError(
+        raise InputError(
             f"q's heads (dim 1) must be a multiple of k's and v's heads (grouped-query attention), got "
             f"{q.shape[1]} and {k.shape[1]}")
     if k.shape[2] != v.shape[2]:
-        raise ValueError(f"k and v must have the same sequence length (dim 2), got {k.shape[2]} and {v.shape[2]}")
+        raise InputError(f"k and v must have the same sequence length (dim 2), got {k.shape[2]} and {v.shape[2]}")
     head_dim = q.shape[3]
     if k.shape[3] != head_dim or v.shape[3] != head_dim:
-        raise ValueError(
+        raise InputError(
             f"q, k and v must have the same head_dim (dim 3), got {head_dim}, {k.shape[3]}, {v.shape[3]}")
     if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim (dim 3) must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
+        raise InputError(f"head_dim (dim 3) must be in 1..{MAX_HEAD_DIM}, got {head_dim}")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if head_dim > 1 and t.stride(3) != 1:
-            raise ValueError(
+            raise InputError(
                 f"{name} must have stride 1 in its last dim (got strides {t.stride()}); "
                 f"call .contiguous() on it first")
 
@@ -61,8 +75,8 @@ def check_causal(causal: object) -> bool | str:
     if isinstance(causal, str):
         if causal in ("top_left", "bottom_right"):
             return causal
-        raise ValueError(f"causal must be a bool, 'top_left' or 'bottom_right', got {causal!r}")
-    raise TypeError(f"causal must be a bool, 'top_left' or 'bottom_right', got {type(causal).__name__}")
+        raise InputError(f"causal must be a bool, 'top_left' or 'bottom_right', got {causal!r}")
+    raise InputTypeError(f"causal must be a bool, 'top_left' or 'bottom_right', got {type(causal).__name__}")
 
 
 def check_scale(scale: object, head_dim: int) -> float:
@@ -70,9 +84,9 @@ def check_scale(scale: object, head_dim: int) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+        raise InputTypeError(f"scale must be a float or None, got {type(scale).__name__}")
     if not math.isfinite(scale):
-        raise ValueError(f"scale must be finite, got {scale}")
+        raise InputError(f"scale must be finite, got {scale}")
     return float(scale)
 
 
@@ -83,9 +97,9 @@ def causal_offset(causal: bool | str, seqlen_q: int, seqlen_k: int) -> int:
 
 def check_dropout(dropout_p: object) -> float:
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
-        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+        raise InputTypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
     if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+        raise InputError(f"dropout_p must be in [0, 1), got {dropout_p}")
     return float(dropout_p)
 
 
@@ -93,11 +107,11 @@ def check_window(window: object, causal: bool) -> tuple[int, int]:
     """(left, right) with -1 = unbounded; causal forces right = 0."""
     if (not isinstance(window, (tuple, list)) or len(window) != 2
             or not all(isinstance(w, int) and not isinstance(w, bool) for w in window)):
-        raise TypeError(f"window must be a (left, right) pair of ints, got {window!r}")
+        raise InputTypeError(f"window must be a (left, right) pair of ints, got {window!r}")
     left, right = window
     for side, w in (("left", left), ("right", right)):
         if w < -1:
-            raise ValueError(f"window {side} must be >= 0, or -1 for unbounded, got {w}")
+            raise InputError(f"window {side} must be >= 0, or -1 for unbounded, got {w}")
     if causal:
         right = 0 if right == -1 else min(right, 0)
     return left, right
@@ -105,9 +119,9 @@ def check_window(window: object, causal: bool) -> tuple[int, int]:
 
 def check_softcap(softcap: object) -> float:
     if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-        raise TypeError(f"softcap must be a float, got {type(softcap).__name__}")
+        raise InputTypeError(f"softcap must be a float, got {type(softcap).__name__}")
     if not math.isfinite(softcap) or softcap < 0:
-        raise ValueError(f"softcap must be a finite number >= 0 (0 = off), got {softcap}")
+        raise InputError(f"softcap must be a finite number >= 0 (0 = off), got {softcap}")
     return float(softcap)
 
 
@@ -116,13 +130,13 @@ def check_alibi(slopes: object, batch: int, heads: int, device: torch.device) ->
     if slopes is None:
         return None
     if not isinstance(slopes, torch.Tensor):
-        raise TypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(slopes).__name__}")
+        raise InputTypeError(f"alibi_slopes must be a torch.Tensor or None, got {type(slopes).__name__}")
     if tuple(slopes.shape) not in ((heads,), (batch, heads)):
-        raise ValueError(f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}), got {tuple(slopes.shape)}")
+        raise InputError(f"alibi_slopes must have shape ({heads},) or ({batch}, {heads}), got {tuple(slopes.shape)}")
     if not slopes.is_floating_point():
-        raise TypeError(f"alibi_slopes must be floating point, got {slopes.dtype}")
+        raise InputTypeError(f"alibi_slopes must be floating point, got {slopes.dtype}")
     if slopes.device != device:
-        raise ValueError(f"alibi_slopes must be on the inputs' device {device}, got {slopes.device}")
+        raise InputError(f"alibi_slopes must be on the inputs' device {device}, got {slopes.device}")
     return slopes.to(torch.float32)
 
 
@@ -138,13 +152,13 @@ def check_cu_seqlens(cu: object, name: str, total: int, max_seqlen: object, devi
     only their dtype, shape and device are checked.
     """
     if not isinstance(cu, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+        raise InputTypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
     if cu.dtype != torch.int32 or cu.dim() != 1 or cu.numel() < 1:
-        raise ValueError(f"{name} must be a 1-D int32 tensor of B + 1 offsets, got {cu.dtype} {tuple(cu.shape)}")
+        raise InputError(f"{name} must be a 1-D int32 tensor of B + 1 offsets, got {cu.dtype} {tuple(cu.shape)}")
     if cu.device != device:
-        raise ValueError(f"{name} must be on the inputs' device {device}, got {cu.device}")
+        raise InputError(f"{name} must be on the inputs' device {device}, got {cu.device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
-        raise TypeError(f"max_seqlen for {name} must be a non-negative int, got {max_seqlen!r}")
+        raise InputTypeError(f"max_seqlen for {name} must be a non-negative int, got {max_seqlen!r}")
     if _compiling():  # reading the offsets would break the graph: the shape checks above still hold
         return cu.numel() - 1
     # Reading the offsets is a device-to-host sync: do it once per tensor (and per in-place change of it),
@@ -155,12 +169,12 @@ def check_cu_seqlens(cu: object, name: str, total: int, max_seqlen: object, devi
     values = cu.tolist()
     if values[0] != 0 or any(b < a for a, b in zip(values, values[1:], strict=False)):
         shown = f"{values[:8]}{'...' if len(values) > 8 else ''}"
-        raise ValueError(f"{name} must start at 0 and never decrease, got {shown}")
+        raise InputError(f"{name} must start at 0 and never decrease, got {shown}")
     if values[-1] > total:
-        raise ValueError(f"{name} ends at {values[-1]} but the packed tensor has {total} rows")
+        raise InputError(f"{name} ends at {values[-1]} but the packed tensor has {total} rows")
     longest = max((b - a for a, b in zip(values, values[1:], strict=False)), default=0)
     if longest > max_seqlen:
-        raise ValueError(f"max_seqlen for {name} is {max_seqlen} but a sequence has {longest} tokens")
+        raise InputError(f"max_seqlen for {name} is {max_seqlen} but a sequence has {longest} tokens")
     if len(_validated_offsets) >= 64:
         _validated_offsets.clear()
     _validated_offsets.add(key)
@@ -168,3 +182,51 @@ def check_cu_seqlens(cu: object, name: str, total: int, max_seqlen: object, devi
 
 
 _validated_offsets: set[tuple] = set()
+
+
+def check_kvcache(q: object, k_cache: object, v_cache: object, cache_seqlens: object, k_new: object, v_new: object,
+                  block_table: object, num_splits: object, causal: object) -> tuple[int, int]:
+    """`attention_with_kvcache`'s inputs; returns (cache capacity per sequence, number of new tokens).
+
+    Reads cache_seqlens on the host once, to refuse an overflowing cache before anything is written.
+    """
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise InputError(f"{name} must be a 4-D tensor")
+    if k_cache.shape != v_cache.shape:
+        raise InputError(f"k_cache and v_cache must have one shape, got {tuple(k_cache.shape)} and "
+                         f"{tuple(v_cache.shape)}")
+    B, H, _, D = q.shape
+    H_kv = k_cache.shape[1]
+    if block_table is not None:
+        if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 \
+                or block_table.shape[0] != B:
+            raise InputError(f"block_table must be an int32 ({B}, max_pages) tensor")
+        capacity = block_table.shape[1] * k_cache.shape[2]
+        view = (q, k_cache[:1].expand(B, -1, -1, -1), v_cache[:1].expand(B, -1, -1, -1))
+        check_qkv(*view)
+    else:
+        capacity = k_cache.shape[2]
+        check_qkv(q, k_cache, v_cache)
+    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32 \
+            or tuple(cache_seqlens.shape) != (B,):
+        raise InputError(f"cache_seqlens must be an int32 tensor of shape ({B},)")
+    if (k_new is None) != (v_new is None):
+        raise InputError("k_new and v_new must be given together")
+    S_new = 0
+    if k_new is not None:
+        if k_new.shape != v_new.shape or k_new.dim() != 4 or k_new.shape[:2] != (B, H_kv) or k_new.shape[3] != D:
+            raise InputError(f"k_new and v_new must be ({B}, {H_kv}, S_new, {D}), got {tuple(k_new.shape)} and "
+                             f"{tuple(v_new.shape)}")
+        if k_new.dtype != k_cache.dtype or k_new.device != k_cache.device:
+            raise InputTypeError("k_new and v_new must match the cache's dtype and device")
+        S_new = k_new.shape[2]
+    lengths = cache_seqlens.tolist()  # one host sync, to refuse an overflowing cache before writing into it
+    if min(lengths, default=0) < 0 or max(lengths, default=0) + S_new > capacity:
+        raise InputError(f"the cache holds {capacity} tokens per sequence; cache_seqlens {lengths[:8]} + "
+                         f"{S_new} new tokens does not fit")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise InputError(f"num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
+    if not isinstance(causal, bool):
+        raise InputTypeError(f"causal must be a bool (decoding is bottom-right aligned), got {causal!r}")
+    return capacity, S_new

@@ -7,18 +7,23 @@ from typing import Literal, overload
 
 import torch
 
+from . import _config
+from ._contract import AttnSpec, BiasKind, SeqLayout, SeqMode
 from ._validation import (
+    InputError,
+    InputTypeError,
     causal_offset,
     check_alibi,
     check_causal,
     check_cu_seqlens,
     check_dropout,
+    check_kvcache,
     check_qkv,
     check_scale,
     check_softcap,
     check_window,
 )
-from .ops import BIAS_BOOL, BIAS_FLOAT, BIAS_NONE, AttnSpec, SeqLayout, attn_fwd, flash_attention
+from .ops import attn_fwd, flash_attention
 
 Causal = bool | Literal["top_left", "bottom_right"]
 
@@ -72,6 +77,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: Caus
         attn_mask: boolean (True = takes part) or float (added to the scores after
             ALiBi), broadcastable to ``(B, H, Sq, Sk)`` and read in-kernel with stride 0
             along broadcast dims; a float mask that requires grad gets its gradient.
+            A ``torch.nn.attention.bias.CausalBias`` (``causal_upper_left`` /
+            ``causal_lower_right``) means ``causal="top_left"`` / ``"bottom_right"``
+            (then ``causal`` must be False).
         dropout_p: dropout on the probabilities (in-kernel Philox; pass 0 in eval).
 
     Returns:
@@ -88,9 +96,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: Caus
     """
     check_qkv(q, k, v)
     causal_mode = check_causal(causal)
+    variant = _causal_bias_variant(attn_mask, q.shape[2], k.shape[2])
+    if variant is not None:  # torch.nn.attention.bias.CausalBias: our causal, in its alignment
+        if causal_mode:
+            raise InputError(f"attn_mask is a CausalBias ({variant}); it cannot be combined with causal={causal!r}: "
+                             f"pass one of them")
+        causal_mode, attn_mask = variant, None
     sm_scale = check_scale(scale, q.shape[-1])
     if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+        raise InputTypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     left, right = check_window(window, bool(causal_mode))
     cap = check_softcap(softcap)
     slopes = check_alibi(alibi_slopes, q.shape[0], q.shape[1], q.device)
@@ -102,20 +116,66 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: Caus
     return (out, lse) if return_lse else out
 
 
-def _check_mask(attn_mask: object, query: torch.Tensor, seqlen_k: int) -> tuple[torch.Tensor | None, int]:
+def _attention_at_offset(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, offset: int, window: Window,
+                         scale: float | None = None, softcap: float = 0.0, attn_mask: torch.Tensor | None = None,
+                         dropout_p: float = 0.0) -> torch.Tensor:
+    """`attention` with query i placed at key position ``i + offset`` (any int) and the band ``window`` around it.
+
+    Query i sees key j iff ``i + offset - left <= j <= i + offset + right`` (-1 = unbounded;
+    ``(-1, 0)`` is causal). `attention`'s causal modes are ``offset`` 0 and ``Sk - Sq``;
+    integrations whose caches hold queries elsewhere (a static KV cache) need any
+    offset. Keys outside the band are skipped block-wise, as in `attention`.
+    """
+    check_qkv(q, k, v)
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise InputTypeError(f"offset must be an int, got {type(offset).__name__}")
+    left, right = check_window(window, False)
+    bias, bias_kind = _check_mask(attn_mask, q, k.shape[2])
+    spec = AttnSpec(scale=check_scale(scale, q.shape[-1]), offset=offset, window_left=left, window_right=right,
+                    softcap=check_softcap(softcap), bias_kind=bias_kind, dropout_p=check_dropout(dropout_p))
+    out, _ = flash_attention(q, k, v, bias, None, spec)
+    return out
+
+
+def _causal_bias_variant(attn_mask: object, seqlen_q: int, seqlen_k: int) -> str | None:
+    """'top_left' / 'bottom_right' for a ``torch.nn.attention.bias.CausalBias`` of these lengths, else None.
+
+    A CausalBias is a tensor subclass whose storage holds nothing meaningful
+    (torch's SDPA intercepts it through ``__torch_function__``), so it must never
+    be read as a mask.
+    """
+    if not isinstance(attn_mask, torch.Tensor) or type(attn_mask) is torch.Tensor:
+        return None
+    try:
+        from torch.nn.attention.bias import CausalBias, CausalVariant
+    except ImportError:  # torch without CausalBias
+        return None
+    if not isinstance(attn_mask, CausalBias):
+        return None
+    if (attn_mask.seq_len_q, attn_mask.seq_len_kv) != (seqlen_q, seqlen_k):
+        raise InputError(f"attn_mask is a CausalBias for (L, S) = {(attn_mask.seq_len_q, attn_mask.seq_len_kv)}, "
+                         f"but query and key have (L, S) = {(seqlen_q, seqlen_k)}")
+    if attn_mask.variant == CausalVariant.UPPER_LEFT:
+        return "top_left"
+    if attn_mask.variant == CausalVariant.LOWER_RIGHT:
+        return "bottom_right"
+    raise InputError(f"CausalBias.variant must be a CausalVariant, got {attn_mask.variant!r}")
+
+
+def _check_mask(attn_mask: object, query: torch.Tensor, seqlen_k: int) -> tuple[torch.Tensor | None, BiasKind]:
     """An SDPA-style mask -> (bias tensor (B|1, H|1, L|1, S|1), kind) for the kernels."""
     if attn_mask is None:
-        return None, BIAS_NONE
+        return None, BiasKind.NONE
     if not isinstance(attn_mask, torch.Tensor):
-        raise TypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
+        raise InputTypeError(f"attn_mask must be a torch.Tensor or None, got {type(attn_mask).__name__}")
     if attn_mask.dtype == torch.bool:
-        kind = BIAS_BOOL
+        kind = BiasKind.BOOL
     elif attn_mask.dtype == query.dtype:
-        kind = BIAS_FLOAT
+        kind = BiasKind.FLOAT
     else:
-        raise TypeError(f"attn_mask must be bool or of query's dtype {query.dtype}, got {attn_mask.dtype}")
+        raise InputTypeError(f"attn_mask must be bool or of query's dtype {query.dtype}, got {attn_mask.dtype}")
     if attn_mask.device != query.device:
-        raise ValueError(f"attn_mask must be on query's device {query.device}, got {attn_mask.device}")
+        raise InputError(f"attn_mask must be on query's device {query.device}, got {attn_mask.device}")
     return _mask_as_bias(attn_mask, query, seqlen_k), kind
 
 
@@ -135,29 +195,29 @@ def attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
-            raise ValueError(f"{name} must be a 3-D (total_tokens, heads, head_dim) tensor, got "
+            raise InputError(f"{name} must be a 3-D (total_tokens, heads, head_dim) tensor, got "
                              f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     q4, k4, v4 = (t.unsqueeze(0).transpose(1, 2) for t in (q, k, v))  # (1, H, total, D) views, no copies
     check_qkv(q4, k4, v4)
     batch = check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q.shape[0], max_seqlen_q, q.device)
     if check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", k.shape[0], max_seqlen_k, q.device) != batch:
-        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
+        raise InputError(f"cu_seqlens_q and cu_seqlens_k must describe the same number of sequences, got "
                          f"{cu_seqlens_q.numel() - 1} and {cu_seqlens_k.numel() - 1}")
     if not isinstance(return_lse, bool):
-        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+        raise InputTypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool (varlen is bottom-right aligned per sequence), got {causal!r}")
+        raise InputTypeError(f"causal must be a bool (varlen is bottom-right aligned per sequence), got {causal!r}")
     left, right = check_window(window, causal)
     slopes = check_alibi(alibi_slopes, batch, q.shape[1], q.device)
     spec = AttnSpec(scale=check_scale(scale, q.shape[-1]), window_left=left, window_right=right,
                     softcap=check_softcap(softcap))
-    seq = SeqLayout(mode=1, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+    seq = SeqLayout(mode=SeqMode.PACKED, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                     max_seqlen_q=int(max_seqlen_q), max_seqlen_k=int(max_seqlen_k))
     out, lse = flash_attention(q, k, v, None, slopes, spec, seq)  # (total_q, H, D), (H, total_q)
     return (out, lse) if return_lse else out
 
 
-def _as_4d(t: torch.Tensor) -> torch.Tensor:
+def _flatten_batch_dims(t: torch.Tensor) -> torch.Tensor:
     """(..., H, S, D) -> (B, H, S, D), B the product of the leading dims (1 when there are none)."""
     if t.dim() == 4:
         return t
@@ -170,7 +230,7 @@ def _mask_as_bias(attn_mask: torch.Tensor, query: torch.Tensor, seqlen_k: int) -
     try:
         torch.broadcast_shapes(attn_mask.shape, full)
     except RuntimeError:
-        raise ValueError(
+        raise InputError(
             f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to (..., L, S) = {full}") from None
     m = attn_mask.reshape((1,) * (len(full) - attn_mask.dim()) + tuple(attn_mask.shape))
     lead = m.shape[:-3]  # batch dims, to be flattened into one
@@ -197,34 +257,48 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     to the attention probabilities always (as PyTorch's does; pass 0 in eval).
     ``enable_gqa`` lets ``Hq`` be a multiple of ``H`` without copying K/V.
     Rows that every mask entry hides return 0 (as PyTorch does). The value head
-    dim must equal the query's (``Ev == E``), at most 256.
+    dim must equal the query's (``Ev == E``), at most 256. ``attn_mask`` may also be
+    a ``torch.nn.attention.bias.CausalBias``: ``causal_upper_left(L, S)`` runs our
+    top-left causal, ``causal_lower_right(L, S)`` the bottom-right one (both with
+    block skipping; not combinable with ``is_causal=True``, as in PyTorch).
+
+    Invalid input raises `InputError` (a ValueError) or `InputTypeError` (a
+    TypeError); both are also RuntimeErrors, which is what PyTorch's SDPA raises.
     """
     for name, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+            raise InputTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() < 3:
-            raise ValueError(f"{name} must have at least 3 dims (..., heads, seqlen, head_dim), got {tuple(t.shape)}")
+            raise InputError(f"{name} must have at least 3 dims (..., heads, seqlen, head_dim), got {tuple(t.shape)}")
     if not (query.shape[:-3] == key.shape[:-3] == value.shape[:-3]):
-        raise ValueError(
+        raise InputError(
             f"query, key and value must share their batch dims, got {tuple(query.shape)}, {tuple(key.shape)}, "
             f"{tuple(value.shape)}")
     if not isinstance(is_causal, bool):
-        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+        raise InputTypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    variant = _causal_bias_variant(attn_mask, query.shape[-2], key.shape[-2])
+    if variant is not None:  # torch.nn.attention.bias.causal_upper_left / causal_lower_right
+        if is_causal:
+            raise InputError("CausalBias should not be used with causal=True (attn_mask is a CausalBias and "
+                             "is_causal=True; as in PyTorch)")
+        attn_mask = None
     if is_causal and attn_mask is not None:
-        raise ValueError("attn_mask and is_causal=True cannot be used together (as in PyTorch)")
+        raise InputError("attn_mask and is_causal=True cannot be used together (as in PyTorch)")
     if not isinstance(enable_gqa, bool):
-        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
+        raise InputTypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
     dropout = check_dropout(dropout_p)
 
     # PyTorch accepts any strides; our kernels want a unit last stride
-    q4, k4, v4 = (_as_4d(t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous())
+    q4, k4, v4 = (_flatten_batch_dims(t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous())
                   for t in (query, key, value))
     check_qkv(q4, k4, v4, allow_gqa=enable_gqa)
     sm_scale = check_scale(scale, query.shape[-1]) if scale is not None else 1.0 / math.sqrt(query.shape[-1])
 
     bias, bias_kind = _check_mask(attn_mask, query, key.shape[-2])
 
-    spec = AttnSpec(scale=sm_scale, window_right=0 if is_causal else -1, bias_kind=bias_kind, dropout_p=dropout)
+    causal_mode = variant or ("top_left" if is_causal else False)
+    spec = AttnSpec(scale=sm_scale, offset=causal_offset(causal_mode, query.shape[-2], key.shape[-2]),
+                    window_right=0 if causal_mode else -1, bias_kind=bias_kind, dropout_p=dropout)
     out, _ = flash_attention(q4, k4, v4, bias, None, spec)
     return out.reshape(*query.shape[:-1], out.shape[-1])
 
@@ -244,11 +318,11 @@ def _append_to_cache(cache: torch.Tensor, new: torch.Tensor, cache_seqlens: torc
 
 
 def _auto_splits(q: torch.Tensor, batch_heads: int, cache_len: int) -> int:
-    """Enough splits of the keys to fill the GPU's multiprocessors, each at least 256 keys long."""
+    """Split-K factor for a decoding call (1 off the GPU); the rule lives in `_config.auto_splits`."""
     if not q.is_cuda:
         return 1
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    return max(1, min(sms // max(batch_heads, 1), cache_len // 256, 64))
+    return _config.auto_splits(torch.cuda.get_device_properties(q.device).multi_processor_count, batch_heads,
+                               cache_len)
 
 
 def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -270,45 +344,9 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     results by their log-sum-exp; 0 picks it from the GPU's multiprocessor count.
     Window, ALiBi, softcap and scale as in `attention`. Returns ``(B, H, Sq, D)``.
     """
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"{name} must be a 4-D tensor")
-    if k_cache.shape != v_cache.shape:
-        raise ValueError(f"k_cache and v_cache must have one shape, got {tuple(k_cache.shape)} and "
-                         f"{tuple(v_cache.shape)}")
-    B, H, Sq, D = q.shape
-    H_kv = k_cache.shape[1]
-    if block_table is not None:
-        if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2 \
-                or block_table.shape[0] != B:
-            raise ValueError(f"block_table must be an int32 ({B}, max_pages) tensor")
-        capacity = block_table.shape[1] * k_cache.shape[2]
-        view = (q, k_cache[:1].expand(B, -1, -1, -1), v_cache[:1].expand(B, -1, -1, -1))
-        check_qkv(*view)
-    else:
-        capacity = k_cache.shape[2]
-        check_qkv(q, k_cache, v_cache)
-    if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32 \
-            or tuple(cache_seqlens.shape) != (B,):
-        raise ValueError(f"cache_seqlens must be an int32 tensor of shape ({B},)")
-    if (k_new is None) != (v_new is None):
-        raise ValueError("k_new and v_new must be given together")
-    S_new = 0
-    if k_new is not None:
-        if k_new.shape != v_new.shape or k_new.dim() != 4 or k_new.shape[:2] != (B, H_kv) or k_new.shape[3] != D:
-            raise ValueError(f"k_new and v_new must be ({B}, {H_kv}, S_new, {D}), got {tuple(k_new.shape)} and "
-                             f"{tuple(v_new.shape)}")
-        if k_new.dtype != k_cache.dtype or k_new.device != k_cache.device:
-            raise TypeError("k_new and v_new must match the cache's dtype and device")
-        S_new = k_new.shape[2]
-    lengths = cache_seqlens.tolist()  # one host sync, to refuse an overflowing cache before writing into it
-    if min(lengths, default=0) < 0 or max(lengths, default=0) + S_new > capacity:
-        raise ValueError(f"the cache holds {capacity} tokens per sequence; cache_seqlens {lengths[:8]} + "
-                         f"{S_new} new tokens does not fit")
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
-        raise ValueError(f"num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
-    if not isinstance(causal, bool):
-        raise TypeError(f"causal must be a bool (decoding is bottom-right aligned), got {causal!r}")
+    capacity, S_new = check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, num_splits,
+                                    causal)
+    B, H, _, D = q.shape
     left, right = check_window(window, causal)
     slopes = check_alibi(alibi_slopes, B, H, q.device)
     spec = AttnSpec(scale=check_scale(scale, D), window_left=left, window_right=right,
@@ -319,7 +357,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
         _append_to_cache(v_cache, v_new, cache_seqlens, block_table)
     seqlens_k = (cache_seqlens + S_new).to(torch.int32)
     splits = num_splits or _auto_splits(q, B * H, capacity)
-    seq = SeqLayout(mode=2, seqlens_k=seqlens_k, block_table=block_table)
+    seq = SeqLayout(mode=SeqMode.KV_CACHE, seqlens_k=seqlens_k, block_table=block_table)
     with torch.no_grad():
         out, _ = attn_fwd(q, k_cache, v_cache, None, slopes, spec, seq, splits)
     return out

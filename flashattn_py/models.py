@@ -57,7 +57,7 @@ class SinusoidalPositionalEncoding(nn.Module):
         return x + self.pe[: x.shape[1]].to(x.dtype)
 
 
-class MultiHeadAttention(nn.Module):
+class AttentionLayer(nn.Module):
     """Self-attention (context=None) or cross-attention over `context`."""
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, backend: Backend = "flash"):
@@ -96,7 +96,7 @@ class EncoderLayer(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.0, backend: Backend = "flash"):
         super().__init__()
-        self.attn = MultiHeadAttention(d_model, n_heads, dropout, backend)
+        self.attn = AttentionLayer(d_model, n_heads, dropout, backend)
         self.ffn = FeedForward(d_model, d_ff, dropout)
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.drop = nn.Dropout(dropout)
@@ -111,8 +111,8 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, d_ff: int, dropout: float = 0.0, backend: Backend = "flash"):
         super().__init__()
-        self.self_attn = MultiHeadAttention(d_model, n_heads, dropout, backend)
-        self.cross_attn = MultiHeadAttention(d_model, n_heads, dropout, backend)
+        self.self_attn = AttentionLayer(d_model, n_heads, dropout, backend)
+        self.cross_attn = AttentionLayer(d_model, n_heads, dropout, backend)
         self.ffn = FeedForward(d_model, d_ff, dropout)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.drop = nn.Dropout(dropout)
@@ -154,7 +154,7 @@ class Block(nn.Module):
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0, backend: Backend = "flash"):
         super().__init__()
         self.ln_1 = nn.LayerNorm(d_model)
-        self.attn = MultiHeadAttention(d_model, n_heads, dropout, backend)
+        self.attn = AttentionLayer(d_model, n_heads, dropout, backend)
         self.ln_2 = nn.LayerNorm(d_model)
         self.mlp = FeedForward(d_model, 4 * d_model, dropout)
 
@@ -183,10 +183,10 @@ class GPT(nn.Module):
 
 
 def set_attention_backend(model: nn.Module, backend: Backend) -> nn.Module:
-    """Point every MultiHeadAttention of a reference model at `backend`; returns the model."""
+    """Point every AttentionLayer of a reference model at `backend`; returns the model."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     for m in model.modules():
-        if isinstance(m, MultiHeadAttention):
+        if isinstance(m, AttentionLayer):
             m.backend = backend
     return model

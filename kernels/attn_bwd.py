@@ -33,7 +33,9 @@ from .tiles import (
     _load_row_stat,
     _load_rows,
     _score_mods,
+    _stage_bounds,
     _store_rows,
+    _stream_tile,
     _tile_ptrs,
 )
 
@@ -123,18 +125,18 @@ def _attn_bwd_dkdv_inner(
     dk, dv, k, v,
     q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, bias_base, stride_biasm, stride_biasn, alibi_slope,
     cols, offs_m, offs_d, bh, seed, dropout_p,
-    lo, hi, seqlen_q, seqlen_k, offset, left, right, qk_scale, softcap_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, MASKED: tl.constexpr,
+    lo, hi, seqlen_q, seqlen_k, offset, left, right, qk_scale, softcap_log2, q_b, q_h,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr,
+    BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, STREAM_DESC: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
-        q = _load_rows(_tile_ptrs(q_base, start_m, offs_m, offs_d, stride_qm),
-                       rows, seqlen_q, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
-        do = _load_rows(_tile_ptrs(do_base, start_m, offs_m, offs_d, stride_dom),
-                        rows, seqlen_q, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
+        q = _stream_tile(q_base, start_m, offs_m, offs_d, stride_qm, seqlen_q, q_b, q_h, HEAD_DIM, EVEN_M, EVEN_D,
+                         STREAM_DESC, BLOCK_M, BLOCK_D)
+        do = _stream_tile(do_base, start_m, offs_m, offs_d, stride_dom, seqlen_q, q_b, q_h, HEAD_DIM, EVEN_M, EVEN_D,
+                          STREAM_DESC, BLOCK_M, BLOCK_D)
         # rows past seqlen_q read lse = -inf -> +inf -> P = 0: they add nothing
         lse2 = _lse_log2(_load_row_stat(lse_base + rows, rows, seqlen_q, float("-inf"), EVEN_M))
         delta = _load_row_stat(delta_base + rows, rows, seqlen_q, 0.0, EVEN_M)
@@ -152,7 +154,7 @@ def _attn_bwd_dkdv_inner(
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, ALIBI, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, BIAS, ALIBI, CU_Q, CU_K, Q_DESC, DO_DESC,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -168,6 +170,7 @@ def _attn_bwd_dkdv(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, SEQ_MODE: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    STREAM_DESC: tl.constexpr,
 ):
     """dK, dV for BLOCK_N keys of one (sequence, K/V head), streaming the query blocks that see them.
 
@@ -206,38 +209,32 @@ def _attn_bwd_dkdv(
         off_h = off_hkv * kv_group + g
         h64 = tl.cast(off_h, tl.int64)
         bh = off_b * num_heads + off_h
-        q_base = Q + b64 * stride_qb + h64 * stride_qh + tl.cast(q_start, tl.int64) * stride_qm
-        do_base = DO + b64 * stride_dob + h64 * stride_doh + tl.cast(q_start, tl.int64) * stride_dom
+        if STREAM_DESC:  # dense (B, H, Sq, D) descriptors, addressed by coordinates
+            q_base = Q_DESC
+            do_base = DO_DESC
+        else:
+            q_base = Q + b64 * stride_qb + h64 * stride_qh + tl.cast(q_start, tl.int64) * stride_qm
+            do_base = DO + b64 * stride_dob + h64 * stride_doh + tl.cast(q_start, tl.int64) * stride_dom
         lse_base = LSE + b64 * stride_lseb + h64 * stride_lseh + q_start
         delta_base = DELTA + b64 * stride_lseb + h64 * stride_lseh + q_start
-        bias_base = BIAS + b64 * stride_biasb + h64 * stride_biash
+        bias_base = 0  # absent tensors come as None; nothing reads them when their flag is off
+        if BIAS_KIND != 0:
+            bias_base = BIAS + b64 * stride_biasb + h64 * stride_biash
         alibi_slope = 0.0
         if ALIBI_ON:
             alibi_slope = tl.load(ALIBI + b64 * stride_alibib + h64 * stride_alibih).to(tl.float32)
-        # queries on the far edge of a window (only with a right bound seen from the keys): masked
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-            bias_base, stride_biasm, stride_biasn, alibi_slope, cols, offs_m, offs_d, bh, seed, dropout_p,
-            lo, tl.minimum(full_lo, hi), sq, sk, off, window_left, window_right, qk_scale, softcap_log2,
-            HEAD_DIM, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI_ON, BIAS_KIND, DROPOUT,
-            EVEN_M, EVEN_D, DOT_PRECISION,
-        )
-        # queries that see every key of the block: no structural mask
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-            bias_base, stride_biasm, stride_biasn, alibi_slope, cols, offs_m, offs_d, bh, seed, dropout_p,
-            tl.maximum(full_lo, lo), tl.minimum(full_hi, hi), sq, sk, off, window_left, window_right, qk_scale,
-            softcap_log2, HEAD_DIM, BLOCK_M, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI_ON, BIAS_KIND, DROPOUT,
-            EVEN_M, EVEN_D, DOT_PRECISION,
-        )
-        # the diagonal band / near edge and the ragged last query block: masked
-        dk, dv = _attn_bwd_dkdv_inner(
-            dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-            bias_base, stride_biasm, stride_biasn, alibi_slope, cols, offs_m, offs_d, bh, seed, dropout_p,
-            tl.maximum(tl.maximum(full_lo, full_hi), lo), hi, sq, sk, off, window_left, window_right, qk_scale,
-            softcap_log2, HEAD_DIM, BLOCK_M, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI_ON, BIAS_KIND, DROPOUT,
-            EVEN_M, EVEN_D, DOT_PRECISION,
-        )
+        # the queries in three stages, seen from the keys: the masked near edge (only with a right bound,
+        # e.g. causal), the unmasked middle (queries that see every key of the block), the masked far edge
+        for stage in tl.static_range(0 if HAS_RIGHT else 1, 3):
+            stage_lo, stage_hi = _stage_bounds(lo, full_lo, full_hi, hi, stage)
+            dk, dv = _attn_bwd_dkdv_inner(
+                dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
+                bias_base, stride_biasm, stride_biasn, alibi_slope, cols, offs_m, offs_d, bh, seed, dropout_p,
+                stage_lo, stage_hi, sq, sk, off, window_left, window_right, qk_scale, softcap_log2, off_b, off_h,
+                HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, MASKED=stage != 1, HAS_LEFT=HAS_LEFT,
+                HAS_RIGHT=HAS_RIGHT, SOFTCAP=SOFTCAP, ALIBI=ALIBI_ON, BIAS_KIND=BIAS_KIND, DROPOUT=DROPOUT,
+                STREAM_DESC=STREAM_DESC, EVEN_M=EVEN_M, EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION,
+            )
 
     dk *= sm_scale
     _store_rows(_tile_ptrs(DK + b64 * stride_dkb + hkv64 * stride_dkh, k_start + start_n, offs_n, offs_d, stride_dkn),
@@ -251,17 +248,18 @@ def _attn_bwd_dq_inner(
     dq, q, do, lse2, delta,
     k_base, v_base, stride_kn, stride_vn, bias_base, stride_biasm, stride_biasn, alibi_slope,
     rows, offs_n, offs_d, bh, seed, dropout_p,
-    lo, hi, seqlen_q, seqlen_k, offset, left, right, qk_scale, softcap_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    lo, hi, seqlen_q, seqlen_k, offset, left, right, qk_scale, softcap_log2, kv_b, kv_h,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, STREAM_DESC: tl.constexpr, EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = _load_rows(_tile_ptrs(k_base, start_n, offs_n, offs_d, stride_kn),
-                       cols, seqlen_k, offs_d, HEAD_DIM, not MASKED, EVEN_D)
-        v = _load_rows(_tile_ptrs(v_base, start_n, offs_n, offs_d, stride_vn),
-                       cols, seqlen_k, offs_d, HEAD_DIM, not MASKED, EVEN_D)
+        k = _stream_tile(k_base, start_n, offs_n, offs_d, stride_kn, seqlen_k, kv_b, kv_h, HEAD_DIM, not MASKED,
+                         EVEN_D, STREAM_DESC, BLOCK_N, BLOCK_D)
+        v = _stream_tile(v_base, start_n, offs_n, offs_d, stride_vn, seqlen_k, kv_b, kv_h, HEAD_DIM, not MASKED,
+                         EVEN_D, STREAM_DESC, BLOCK_N, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         # keys past seqlen_k must go too: their zero scores could overflow exp2, and 0 * inf = NaN
         _, _, ds = _attn_bwd_ds(qk, do, v, lse2, delta, rows[:, None], cols[None, :], qk_scale, softcap_log2,
@@ -274,7 +272,7 @@ def _attn_bwd_dq_inner(
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ, BIAS, ALIBI, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DQ, BIAS, ALIBI, CU_Q, CU_K, K_DESC, V_DESC,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -288,7 +286,7 @@ def _attn_bwd_dq(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, SEQ_MODE: tl.constexpr,
-    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STREAM_DESC: tl.constexpr,
 ):
     """dQ for BLOCK_M queries of one (sequence, head), streaming the key blocks they see."""
     pid_m = tl.program_id(0)
@@ -316,9 +314,15 @@ def _attn_bwd_dq(
     delta = _load_row_stat(DELTA + row_base + rows, rows, sq, 0.0, EVEN_M)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    k_base = K + b64 * stride_kb + hkv64 * stride_kh + tl.cast(k_start, tl.int64) * stride_kn
-    v_base = V + b64 * stride_vb + hkv64 * stride_vh + tl.cast(k_start, tl.int64) * stride_vn
-    bias_base = BIAS + b64 * stride_biasb + h64 * stride_biash
+    if STREAM_DESC:  # dense (B, H_kv, Sk, D) descriptors, addressed by coordinates
+        k_base = K_DESC
+        v_base = V_DESC
+    else:
+        k_base = K + b64 * stride_kb + hkv64 * stride_kh + tl.cast(k_start, tl.int64) * stride_kn
+        v_base = V + b64 * stride_vb + hkv64 * stride_vh + tl.cast(k_start, tl.int64) * stride_vn
+    bias_base = 0
+    if BIAS_KIND != 0:
+        bias_base = BIAS + b64 * stride_biasb + h64 * stride_biash
     alibi_slope = 0.0
     if ALIBI_ON:
         alibi_slope = tl.load(ALIBI + b64 * stride_alibib + h64 * stride_alibih).to(tl.float32)
@@ -326,24 +330,18 @@ def _attn_bwd_dq(
     lo, full_lo, full_hi, hi = _band_range(start_m, sk, off, window_left, window_right, BLOCK_M, BLOCK_N,
                                            HAS_LEFT, HAS_RIGHT)
     hi = tl.where(start_m < sq, hi, 0)
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, stride_biasm, stride_biasn,
-        alibi_slope, rows, offs_n, offs_d, bh, seed, dropout_p, lo, tl.minimum(full_lo, hi), sq, sk, off,
-        window_left, window_right, qk_scale, softcap_log2, HEAD_DIM, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-        ALIBI_ON, BIAS_KIND, DROPOUT, EVEN_D, DOT_PRECISION,
-    )
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, stride_biasm, stride_biasn,
-        alibi_slope, rows, offs_n, offs_d, bh, seed, dropout_p, tl.maximum(full_lo, lo), tl.minimum(full_hi, hi),
-        sq, sk, off, window_left, window_right, qk_scale, softcap_log2, HEAD_DIM, BLOCK_N, False, HAS_LEFT,
-        HAS_RIGHT, SOFTCAP, ALIBI_ON, BIAS_KIND, DROPOUT, EVEN_D, DOT_PRECISION,
-    )
-    dq = _attn_bwd_dq_inner(
-        dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, stride_biasm, stride_biasn,
-        alibi_slope, rows, offs_n, offs_d, bh, seed, dropout_p, tl.maximum(tl.maximum(full_lo, full_hi), lo), hi,
-        sq, sk, off, window_left, window_right, qk_scale, softcap_log2, HEAD_DIM, BLOCK_N, True, HAS_LEFT,
-        HAS_RIGHT, SOFTCAP, ALIBI_ON, BIAS_KIND, DROPOUT, EVEN_D, DOT_PRECISION,
-    )
+    # the keys in three stages: the window's masked left edge (only with a left bound), the unmasked middle,
+    # the masked right edge (causal diagonal / window edge, ragged last block)
+    for stage in tl.static_range(0 if HAS_LEFT else 1, 3):
+        stage_lo, stage_hi = _stage_bounds(lo, full_lo, full_hi, hi, stage)
+        dq = _attn_bwd_dq_inner(
+            dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, bias_base, stride_biasm, stride_biasn,
+            alibi_slope, rows, offs_n, offs_d, bh, seed, dropout_p, stage_lo, stage_hi, sq, sk, off,
+            window_left, window_right, qk_scale, softcap_log2, off_b, off_h // kv_group,
+            HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASKED=stage != 1, HAS_LEFT=HAS_LEFT,
+            HAS_RIGHT=HAS_RIGHT, SOFTCAP=SOFTCAP, ALIBI=ALIBI_ON, BIAS_KIND=BIAS_KIND, DROPOUT=DROPOUT,
+            STREAM_DESC=STREAM_DESC, EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION,
+        )
 
     dq *= sm_scale
     _store_rows(_tile_ptrs(DQ + b64 * stride_dqb + h64 * stride_dqh, m64, offs_m, offs_d, stride_dqm),

@@ -20,26 +20,39 @@ that the host merges by their LSE).
 import triton
 import triton.language as tl
 
-from .tiles import LN2, _band_range, _dropout_keep, _load_rows, _score_mods, _store_rows, _tile_ptrs
+from .tiles import (
+    LN2,
+    _band_range,
+    _dropout_keep,
+    _load_rows,
+    _score_mods,
+    _stage_bounds,
+    _store_rows,
+    _stream_tile,
+    _tile_ptrs,
+)
 
 
 @triton.jit
 def _kv_tile(base, start_n, offs_n, offs_d, stride_n, seqlen_k, table_row, stride_table, stride_page, page_size,
-             HEAD_DIM: tl.constexpr, EVEN_ROWS: tl.constexpr, EVEN_D: tl.constexpr, PAGED: tl.constexpr):
+             kv_b, kv_h, HEAD_DIM: tl.constexpr, EVEN_ROWS: tl.constexpr, EVEN_D: tl.constexpr, PAGED: tl.constexpr,
+             DESC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """K or V rows [start_n, start_n + BLOCK_N) of one head; rows >= seqlen_k read as 0.
 
+    DESC: `base` is a (B, H_kv, Sk, D) tensor descriptor (TMA on Hopper), read at
+    (kv_b, kv_h, start_n, 0); see `_stream_tile`.
     PAGED: row j lives in page table_row[j // page_size] at slot j % page_size
     (`base` is then the head's offset inside a page and `stride_page` a page's stride).
     """
-    cols = start_n + offs_n
     if PAGED:
+        cols = start_n + offs_n
         page = tl.load(table_row + (cols // page_size) * stride_table, mask=cols < seqlen_k, other=0)
         ptrs = (base + tl.cast(page, tl.int64)[:, None] * stride_page + (cols % page_size)[:, None] * stride_n
                 + offs_d[None, :])
         tile = _load_rows(ptrs, cols, seqlen_k, offs_d, HEAD_DIM, False, EVEN_D)
     else:
-        tile = _load_rows(_tile_ptrs(base, start_n, offs_n, offs_d, stride_n),
-                          cols, seqlen_k, offs_d, HEAD_DIM, EVEN_ROWS, EVEN_D)
+        tile = _stream_tile(base, start_n, offs_n, offs_d, stride_n, seqlen_k, kv_b, kv_h, HEAD_DIM, EVEN_ROWS,
+                            EVEN_D, DESC, BLOCK_N, BLOCK_D)
     return tile
 
 
@@ -49,33 +62,43 @@ def _attn_fwd_inner(
     k_base, v_base, stride_kn, stride_vn, table_row, stride_table, stride_kpage, stride_vpage, page_size,
     bias_base, stride_biasm, stride_biasn, alibi_slope,
     rows, offs_n, offs_d, bh, seed, dropout_p,
-    lo, hi, seqlen_q, seqlen_k, offset, left, right, qk_scale, softcap_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    lo, hi, seqlen_q, seqlen_k, offset, left, right, qk_scale, softcap_log2, kv_b, kv_h,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-    BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, PAGED: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, PAGED: tl.constexpr, STREAM_DESC: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, FOLD_SCALE: tl.constexpr, NEG_SCALE: tl.constexpr,
 ):
     for start_n in range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k = _kv_tile(k_base, start_n, offs_n, offs_d, stride_kn, seqlen_k, table_row, stride_table, stride_kpage,
-                     page_size, HEAD_DIM, not MASKED, EVEN_D, PAGED)
+                     page_size, kv_b, kv_h, HEAD_DIM, not MASKED, EVEN_D, PAGED, STREAM_DESC, BLOCK_N, BLOCK_D)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        qk, _ = _score_mods(qk, rows[:, None], cols[None, :], qk_scale, softcap_log2, alibi_slope,
-                            bias_base, stride_biasm, stride_biasn, seqlen_q, seqlen_k, offset, left, right,
-                            SOFTCAP, ALIBI, BIAS_KIND, MASKED, MASKED & HAS_LEFT, MASKED & HAS_RIGHT)
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        if MASKED or BIAS_KIND != 0:
-            # a row that has seen no key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
-            m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if FOLD_SCALE:
+            # unmasked tile, no score modifier: the row max is taken on the raw products and the scale
+            # rides in the exp2's argument as one FMA per score (for scale < 0 the max is the scaled min)
+            if NEG_SCALE:
+                m_new = tl.maximum(m_i, tl.min(qk, 1) * qk_scale)
+            else:
+                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            p = tl.exp2(qk * qk_scale - m_new[:, None])
+            alpha = tl.exp2(m_i - m_new)
         else:
-            m_shift = m_new
-        p = tl.exp2(qk - m_shift[:, None])
-        alpha = tl.exp2(m_i - m_shift)
+            s, _ = _score_mods(qk, rows[:, None], cols[None, :], qk_scale, softcap_log2, alibi_slope,
+                               bias_base, stride_biasm, stride_biasn, seqlen_q, seqlen_k, offset, left, right,
+                               SOFTCAP, ALIBI, BIAS_KIND, MASKED, MASKED & HAS_LEFT, MASKED & HAS_RIGHT)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            if MASKED or BIAS_KIND != 0:
+                # a row that has seen no key yet keeps m = -inf; shift by 0 so exp2 gives 0, not NaN
+                m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_shift = m_new
+            p = tl.exp2(s - m_shift[:, None])
+            alpha = tl.exp2(m_i - m_shift)
         l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped entries too
         if DROPOUT:
             p = tl.where(_dropout_keep(seed, bh, rows[:, None], cols[None, :], dropout_p), p, 0.0)
         v = _kv_tile(v_base, start_n, offs_n, offs_d, stride_vn, seqlen_k, table_row, stride_table, stride_vpage,
-                     page_size, HEAD_DIM, not MASKED, EVEN_D, PAGED)
+                     page_size, kv_b, kv_h, HEAD_DIM, not MASKED, EVEN_D, PAGED, STREAM_DESC, BLOCK_N, BLOCK_D)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -112,7 +135,7 @@ def _seq_bounds(CU_Q, CU_K, SEQLENS_K, off_b, seqlen_q, seqlen_k, offset, SEQ_MO
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, O, LSE, BIAS, ALIBI, CU_Q, CU_K, SEQLENS_K, BLOCK_TABLE,
+    Q, K, V, O, LSE, BIAS, ALIBI, CU_Q, CU_K, SEQLENS_K, BLOCK_TABLE, K_DESC, V_DESC,
     stride_qb, stride_qh, stride_qm,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -127,6 +150,7 @@ def _attn_fwd(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, SEQ_MODE: tl.constexpr, PAGED: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    PLAIN_SCORES: tl.constexpr, NEG_SCALE: tl.constexpr, STREAM_DESC: tl.constexpr,
 ):
     """O = softmax(scores) V and LSE = natural log-sum-exp of the scores, per query row.
 
@@ -156,14 +180,21 @@ def _attn_fwd(
     m64 = tl.cast(q_start + start_m, tl.int64)
     q = _load_rows(_tile_ptrs(Q + b64 * stride_qb + h64 * stride_qh, m64, offs_m, offs_d, stride_qm),
                    rows, sq, offs_d, HEAD_DIM, EVEN_M, EVEN_D)
-    if PAGED:  # K/V heads inside a page; pages come from this sequence's row of the block table
+    if STREAM_DESC:  # dense (B, H_kv, Sk, D) descriptors, addressed by coordinates
+        k_base = K_DESC
+        v_base = V_DESC
+    elif PAGED:  # K/V heads inside a page; pages come from this sequence's row of the block table
         k_base = K + hkv64 * stride_kh
         v_base = V + hkv64 * stride_vh
     else:
         k_base = K + b64 * stride_kb + hkv64 * stride_kh + tl.cast(k_start, tl.int64) * stride_kn
         v_base = V + b64 * stride_vb + hkv64 * stride_vh + tl.cast(k_start, tl.int64) * stride_vn
-    table_row = BLOCK_TABLE + b64 * stride_tableb
-    bias_base = BIAS + b64 * stride_biasb + h64 * stride_biash
+    table_row = 0  # absent tensors come as None; nothing reads them when their flag is off
+    if PAGED:
+        table_row = BLOCK_TABLE + b64 * stride_tableb
+    bias_base = 0
+    if BIAS_KIND != 0:
+        bias_base = BIAS + b64 * stride_biasb + h64 * stride_biash
     alibi_slope = 0.0
     if ALIBI_ON:
         alibi_slope = tl.load(ALIBI + b64 * stride_alibib + h64 * stride_alibih).to(tl.float32)
@@ -178,30 +209,20 @@ def _attn_fwd(
     lo = tl.maximum(lo, pid_s * split_len)
     hi = tl.minimum(hi, pid_s * split_len + split_len)
     hi = tl.where(start_m < sq, hi, 0)
-    # left edge of a window: masked
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, table_row, stride_tablep, stride_kb, stride_vb,
-        page_size, bias_base, stride_biasm, stride_biasn, alibi_slope, rows, offs_n, offs_d, pid_bh, seed, dropout_p,
-        lo, tl.minimum(full_lo, hi), sq, sk, off, window_left, window_right, qk_scale, softcap_log2,
-        HEAD_DIM, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI_ON, BIAS_KIND, DROPOUT, PAGED,
-        EVEN_D, DOT_PRECISION,
-    )
-    # the middle: every row sees every key, no structural mask
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, table_row, stride_tablep, stride_kb, stride_vb,
-        page_size, bias_base, stride_biasm, stride_biasn, alibi_slope, rows, offs_n, offs_d, pid_bh, seed, dropout_p,
-        tl.maximum(full_lo, lo), tl.minimum(full_hi, hi), sq, sk, off, window_left, window_right, qk_scale,
-        softcap_log2, HEAD_DIM, BLOCK_N, False, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI_ON, BIAS_KIND, DROPOUT, PAGED,
-        EVEN_D, DOT_PRECISION,
-    )
-    # right edge: the causal diagonal / window's right edge and the ragged last block: masked
-    acc, l_i, m_i = _attn_fwd_inner(
-        acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, table_row, stride_tablep, stride_kb, stride_vb,
-        page_size, bias_base, stride_biasm, stride_biasn, alibi_slope, rows, offs_n, offs_d, pid_bh, seed, dropout_p,
-        tl.maximum(tl.maximum(full_lo, full_hi), lo), hi, sq, sk, off, window_left, window_right, qk_scale,
-        softcap_log2, HEAD_DIM, BLOCK_N, True, HAS_LEFT, HAS_RIGHT, SOFTCAP, ALIBI_ON, BIAS_KIND, DROPOUT, PAGED,
-        EVEN_D, DOT_PRECISION,
-    )
+    # the band in three stages: the window's masked left edge (only with a left bound), the unmasked middle,
+    # and the masked right edge (causal diagonal / window edge, ragged last block)
+    for stage in tl.static_range(0 if HAS_LEFT else 1, 3):
+        stage_lo, stage_hi = _stage_bounds(lo, full_lo, full_hi, hi, stage)
+        acc, l_i, m_i = _attn_fwd_inner(
+            acc, l_i, m_i, q, k_base, v_base, stride_kn, stride_vn, table_row, stride_tablep, stride_kb, stride_vb,
+            page_size, bias_base, stride_biasm, stride_biasn, alibi_slope, rows, offs_n, offs_d, pid_bh, seed,
+            dropout_p, stage_lo, stage_hi, sq, sk, off, window_left, window_right, qk_scale, softcap_log2,
+            off_b, off_h // kv_group,
+            HEAD_DIM=HEAD_DIM, BLOCK_N=BLOCK_N, BLOCK_D=BLOCK_D, MASKED=stage != 1, HAS_LEFT=HAS_LEFT,
+            HAS_RIGHT=HAS_RIGHT, SOFTCAP=SOFTCAP, ALIBI=ALIBI_ON, BIAS_KIND=BIAS_KIND, DROPOUT=DROPOUT,
+            PAGED=PAGED, STREAM_DESC=STREAM_DESC, EVEN_D=EVEN_D,
+            DOT_PRECISION=DOT_PRECISION, FOLD_SCALE=PLAIN_SCORES & (stage == 1), NEG_SCALE=NEG_SCALE,
+        )
 
     # a row that saw no key has l = 0: output 0 and lse = -inf rather than 0/0
     empty = l_i == 0.0

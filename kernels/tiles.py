@@ -38,6 +38,24 @@ def _load_rows(ptrs, rows, n_rows, offs_d, HEAD_DIM: tl.constexpr, EVEN_ROWS: tl
 
 
 @triton.jit
+def _stream_tile(base, start, offs, offs_d, stride, n_rows, coord_b, coord_h,
+                 HEAD_DIM: tl.constexpr, EVEN_ROWS: tl.constexpr, EVEN_D: tl.constexpr, DESC: tl.constexpr,
+                 BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows [start, start + BLOCK_R) of an operand a loop streams; rows >= n_rows and columns >= HEAD_DIM read as 0.
+
+    DESC: `base` is a (B, H, S, D) tensor descriptor (TMA on Hopper), read at (coord_b, coord_h,
+    start, 0) in one bulk copy; the hardware zero-fills what is out of bounds and no thread
+    computes an address. Otherwise `base` points at the head's row 0 and rows are loaded by pointer.
+    """
+    if DESC:
+        tile = base.load([coord_b, coord_h, start, 0]).reshape(BLOCK_R, BLOCK_D)
+    else:
+        tile = _load_rows(_tile_ptrs(base, start, offs, offs_d, stride), start + offs, n_rows, offs_d, HEAD_DIM,
+                          EVEN_ROWS, EVEN_D)
+    return tile
+
+
+@triton.jit
 def _store_rows(ptrs, tile, rows, n_rows, offs_d,
                 HEAD_DIM: tl.constexpr, EVEN_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
     """Store a [rows, BLOCK_D] tile, skipping rows >= n_rows and columns >= HEAD_DIM."""
@@ -96,6 +114,26 @@ def _band_range(start, n_cols, offset, left, right, BLOCK_R: tl.constexpr, BLOCK
         hi = n_cols
         full_hi = last_full
     return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _stage_bounds(lo, full_lo, full_hi, hi, STAGE: tl.constexpr):
+    """[start, end) of one stage of the band walk `_band_range` returns (loop it with tl.static_range(3)).
+
+    Stage 0: the masked near edge (a window's left edge); 1: the unmasked middle;
+    2: the masked far edge (the causal diagonal / the window's right edge and the
+    ragged last block). The stages never overlap and cover [lo, hi).
+    """
+    if STAGE == 0:
+        start = lo
+        end = tl.minimum(full_lo, hi)
+    elif STAGE == 1:
+        start = tl.maximum(full_lo, lo)
+        end = tl.minimum(full_hi, hi)
+    else:
+        start = tl.maximum(tl.maximum(full_lo, full_hi), lo)
+        end = hi
+    return start, end
 
 
 @triton.jit

@@ -1,139 +1,117 @@
-"""Compile the kernels for Hopper (sm_90) without a GPU, the way the launchers would launch them.
+"""Compile every kernel variant without a GPU, exactly as a launch would, and check the tensor-core code.
 
-    python tests/aot_compile.py            # run by tests/test_aot_compile.py in a clean subprocess
+    python tests/aot_compile.py                    # sm_90, sm_80, and sm_100 where this triton supports it
+    python tests/aot_compile.py --arch sm_90       # one target
+    python tests/aot_compile.py --full             # the whole grid of `python -m benchmarks.codegen`
+    python tests/aot_compile.py --arch sm_80 --dense-only   # the compact set's dense variants only
 
-The Triton interpreter runs kernels as Python and so accepts code the real
-compiler rejects (a global annotated `x: tl.constexpr = ...`, say). This builds
-each launch's signature from the arguments the launchers pass, compiles it with
-`triton.compile` for `cuda:90` (Triton ships ptxas), and checks the SASS: 16-bit
-kernels must use warpgroup tensor-core MMAs (HGMMA). Prints one line per kernel
-and exits 1 on any failure. TRITON_INTERPRET must be unset.
+Run by tests/test_aot_compile.py in a clean subprocess. The Triton interpreter
+runs kernels as Python and so accepts code the real compiler rejects; this
+compiles them for real. It shares `benchmarks/codegen.py`'s faithful compile:
+the launch layer records each launch (`_launch.capture_launches`: arguments and
+the config it picks for the target), and Triton's own `JITFunction.run(...,
+warmup=True)` compiles it under a stand-in driver for the target, so the JIT
+binder sets the signature, constexprs and 16-byte alignment / divisibility
+attributes as a launch on that GPU would (bare `triton.compile` calls without
+them give scalar loads and spills: not the code that runs).
+
+Checks: every kernel compiles; every 16-bit kernel except the preprocess has
+tensor-core MMAs in its SASS: HGMMA (wgmma) on sm_90, HMMA (mma.sync) on sm_80,
+tcgen05 (UTC*MMA) or HMMA on sm_100; a forward tile under 64 query rows (decode)
+may use HMMA anywhere, as wgmma and tcgen05 need 64. Prints one line per kernel and exits 1 on
+any failure. TRITON_INTERPRET must be unset.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
-import re
 import subprocess
 import sys
-import tempfile
+from pathlib import Path
 
-import torch
-import triton
-from triton.backends.compiler import GPUTarget
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flashattn_py import _config, ops
+from benchmarks import codegen  # noqa: E402
+from benchmarks import codegen_sass as sass_tools  # noqa: E402
 
-CAPABILITY = (9, 0)
-_captured: list = []
-
-
-def _capture(name, kernel, args, grid, constexprs, configs, cache_key):
-    _captured.append((name, kernel, args, constexprs(configs[0]), configs[0]))
+# what a 16-bit kernel's SASS must contain, per target
+REQUIRED_MMA = {"sm_90": ("HGMMA",), "sm_80": ("HMMA",), "sm_100": ("UTCHMMA", "UTCQMMA", "UTCMMA", "HMMA")}
+# a forward tile of fewer than 64 query rows (the decode configs) cannot use wgmma / tcgen05: mma.sync is right there
+SMALL_M_MMA = ("HMMA",)
 
 
-def _type(a) -> str:
-    if isinstance(a, torch.Tensor):
-        names = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
-                 torch.uint8: "u8", torch.int64: "i64"}
-        return "*" + names[a.dtype]
-    if isinstance(a, bool):
-        return "i1"
-    if isinstance(a, int):
-        return "i64" if abs(a) >= 2**31 else "i32"
-    if isinstance(a, float):
-        return "fp32"
-    raise TypeError(type(a))
+def required_mma(arch: str, entry: dict) -> tuple[str, ...]:
+    if entry["pass"] == "fwd" and entry["config"]["block_m"] < 64:
+        return REQUIRED_MMA[arch] + SMALL_M_MMA
+    return REQUIRED_MMA[arch]
+# the compact set: every feature variant, and one dense variant per head-dim config table
+COMPACT = ("fp16 D128 causal", "bf16 D64", "bf16 D256 causal")
 
 
-def compile_sm90(kernel, args, consts, cfg) -> tuple[int, int]:
-    """(number of HGMMA instructions, shared memory bytes) of one compiled launch."""
-    runtime = [n for n, p in zip(kernel.arg_names, kernel.params, strict=True) if not p.is_constexpr]
-    signature = dict(zip(runtime, map(_type, args), strict=True))
-    signature.update({n: "constexpr" for n in consts})
-    src = triton.compiler.ASTSource(fn=kernel, signature=signature,
-                                    constexprs={(kernel.arg_names.index(k),): v for k, v in consts.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 128),
-                              options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
-    nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        sass = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, check=True).stdout
-    return len(re.findall(r"\bHGMMA\b", sass)), compiled.metadata.shared
+def supports(arch: str) -> bool:
+    """Whether this triton's bundled ptxas can target `arch` (sm_100 needs CUDA 12.8 or newer)."""
+    if arch != "sm_100":
+        return True
+    try:
+        sass_tools.tool("ptxas-blackwell")
+        return True
+    except FileNotFoundError:
+        pass
+    try:
+        out = subprocess.run([sass_tools.tool("ptxas"), "--version"], capture_output=True, text=True).stdout
+    except FileNotFoundError:
+        return False
+    release = out.rsplit("release", 1)[-1].split(",")[0].strip()
+    try:
+        major, minor = (int(x) for x in release.split(".")[:2])
+    except ValueError:
+        return False
+    return (major, minor) >= (12, 8)
 
 
-def _cases():
-    def dense(D, dtype, backward=True, **spec_kw):
-        def run():
-            q = torch.randn(1, 2, 256, D, dtype=dtype)
-            spec = ops.AttnSpec(scale=D ** -0.5, **spec_kw)
-            ops.triton_fwd(q, q, q, None, None, spec)
-            if backward:
-                ops.triton_bwd(q, q, q, q, q, torch.zeros(1, 2, 256), None, None, None, False, spec)
-        return run
-
-    def features():
-        q = torch.randn(1, 4, 256, 64, dtype=torch.bfloat16)
-        kv = torch.randn(1, 2, 256, 64, dtype=torch.bfloat16)
-        spec = ops.AttnSpec(scale=0.1, window_left=64, window_right=0, softcap=30.0)
-        ops.triton_fwd(q, kv, kv, None, torch.rand(4), spec)
-        ops.triton_bwd(q, q, kv, kv, q, torch.zeros(1, 4, 256), None, None, torch.rand(4), False, spec)
-
-    def mask_dropout():
-        q = torch.randn(2, 2, 256, 128, dtype=torch.float16)
-        bias = torch.randn(2, 1, 1, 256, dtype=torch.float16)
-        spec = ops.AttnSpec(scale=0.1, bias_kind=ops.BIAS_FLOAT, dropout_p=0.1, seed=123)
-        ops.triton_fwd(q, q, q, bias, None, spec)
-        ops.triton_bwd(q, q, q, q, q, torch.zeros(2, 2, 256), None, bias, None, True, spec)
-
-    def varlen():
-        q4 = torch.randn(300, 4, 128, dtype=torch.bfloat16).unsqueeze(0).transpose(1, 2)
-        cu = torch.tensor([0, 100, 300], dtype=torch.int32)
-        seq = ops.SeqLayout(mode=1, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=200, max_seqlen_k=200)
-        ops.triton_fwd(q4, q4, q4, None, None, ops.AttnSpec(scale=0.1, window_right=0), seq)
-
-    def decode():
-        q = torch.randn(4, 8, 1, 128, dtype=torch.bfloat16)
-        cache = torch.randn(64, 2, 256, 128, dtype=torch.bfloat16)
-        seq = ops.SeqLayout(mode=2, seqlens_k=torch.full((4,), 4000, dtype=torch.int32),
-                            block_table=torch.arange(64, dtype=torch.int32).view(4, 16))
-        ops.triton_fwd(q, cache, cache, None, None, ops.AttnSpec(scale=0.1, window_right=0), seq, num_splits=8)
-
-    return [("fp16 D128 causal", dense(128, torch.float16, window_right=0)),
-            ("bf16 D64 GQA window alibi softcap", features),
-            ("fp16 D128 bias dropout dbias", mask_dropout),
-            ("bf16 varlen causal fwd", varlen),
-            ("bf16 paged split-K decode", decode),
-            ("fp32 D80 fwd", dense(80, torch.float32, backward=False))]
+def check_variants(full: bool, dense_only: bool = False) -> list[codegen.Variant]:
+    every = codegen.variants(2, 16, 8192)
+    if full:
+        return every
+    return [v for v in every if (v.kind == "feature" and not dense_only) or v.label in COMPACT]
 
 
-def main() -> int:
-    if os.environ.get("TRITON_INTERPRET") == "1":
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", nargs="+", choices=sorted(codegen.ARCHS), default=["sm_90", "sm_80", "sm_100"])
+    parser.add_argument("--full", action="store_true", help="every variant of the codegen report, not the compact set")
+    parser.add_argument("--dense-only", action="store_true", help="the compact set's dense variants only")
+    opts = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         print("unset TRITON_INTERPRET to compile for the GPU")
         return 2
-    ops._launch = _capture
-    ops._capability = lambda t: CAPABILITY
-    tables = {"fwd": _config.fwd_configs, "dkdv": _config.dkdv_configs, "dq": _config.dq_configs}
-    ops._configs = lambda kind, q, block_d: tables[kind](block_d, q.element_size(), CAPABILITY)
     failures = 0
-    for label, run in _cases():
-        _captured.clear()
-        run()
-        for name, kernel, args, consts, cfg in _captured:
-            tag = f"{label:36s} {name:20s} BM{cfg.block_m} BN{cfg.block_n} w{cfg.num_warps} s{cfg.num_stages}"
-            try:
-                hgmma, smem = compile_sm90(kernel, args, consts, cfg)
-            except Exception as exc:  # noqa: BLE001 - report every kernel, then fail
+    for arch in opts.arch:
+        if not supports(arch):
+            print(f"skip {arch}: this triton's ptxas cannot target it", flush=True)
+            continue
+        args = codegen.build_parser().parse_args(["--arch", arch])
+        report = codegen.run_report(args, check_variants(opts.full, opts.dense_only), verbose=False)
+        for failure in report["failures"]:
+            failures += 1
+            print(f"FAIL {arch:6s} {failure['variant']:46s} {failure['name']:20s} {failure['error'][-1500:]}",
+                  flush=True)
+        for entry in report["kernels"]:
+            c = entry["config"]
+            tag = (f"{arch:6s} {entry['variant']:46s} {entry['name']:20s} "
+                   f"BM{c['block_m']} BN{c['block_n']} w{c['num_warps']} s{c['num_stages']}")
+            mma = entry["kernel_totals"]["mma"]
+            needs_mma = entry["pass"] != "bwd_preprocess" and entry["dtype"] != "fp32"
+            wanted = required_mma(arch, entry)
+            found = sum(n for op, n in mma.items() if op.split(".")[0] in wanted)
+            if needs_mma and not found:
                 failures += 1
-                print(f"FAIL {tag}: {type(exc).__name__}: {str(exc)[-1500:]}", flush=True)
+                print(f"FAIL {tag}: no {'/'.join(wanted)} in the SASS ({mma or 'no MMA'})", flush=True)
                 continue
-            needs_mma = name != "attn_bwd_preprocess" and "fp32" not in label
-            if needs_mma and hgmma == 0:
-                failures += 1
-                print(f"FAIL {tag}: no HGMMA in the SASS", flush=True)
-            else:
-                print(f"ok   {tag} HGMMA={hgmma} smem={smem}", flush=True)
+            fits = "" if entry["fits_shared_memory"] else " (over the shared-memory limit: a launch falls back)"
+            print(f"ok   {tag} MMA={found} regs={entry['registers']} spill={entry['spill_bytes']} "
+                  f"smem={entry['shared_bytes']}{fits}", flush=True)
     return 1 if failures else 0
 
 

@@ -2,9 +2,9 @@
 
 Without a GPU, TRITON_INTERPRET=1 is set here, before flashattn_py's kernels are
 first imported, so CPU tests exercise the Triton kernels (set TRITON_INTERPRET=0
-yourself to test the PyTorch backend instead). The interpreter's bf16 `tl.dot`
-multiplies raw bit patterns (triton #11584); it is patched here -- and only
-here -- to widen bf16 operands to fp32 first, exactly, so bf16 is testable on CPU.
+yourself to test the PyTorch backend instead). The interpreter's wrong bf16
+`tl.dot` (triton #11584) is corrected by the library itself (`flashattn_py._interpreter`),
+as it is for any user of the interpreter; nothing here patches Triton.
 """
 
 from __future__ import annotations
@@ -17,33 +17,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-
-def _patch_interpreter_bf16_dot() -> None:
-    try:
-        import numpy as np
-        import triton.language as tl
-        from triton.runtime import interpreter
-    except ImportError:
-        return
-    builder = interpreter.InterpreterBuilder
-    if getattr(builder, "_flashattn_py_bf16_patch", False):
-        return
-    create_dot = builder.create_dot
-
-    def widen(h):
-        if h.dtype.scalar == tl.bfloat16:  # bf16 is held as uint16 bit patterns: shift into fp32, exactly
-            return interpreter.TensorHandle((h.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
-        return h
-
-    def create_dot_bf16(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return create_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
-
-    builder.create_dot = create_dot_bf16
-    builder._flashattn_py_bf16_patch = True
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _patch_interpreter_bf16_dot()
 
 from flashattn_py import ops  # noqa: E402  (after TRITON_INTERPRET is settled)
 

@@ -39,8 +39,8 @@ def make_qkv(B: int, H: int, Sq: int, Sk: int, D: int, dtype: torch.dtype, devic
             t = torch.randn(B, H, S, D, generator=gen)
         elif layout == "bshd":
             t = torch.randn(B, S, H, D, generator=gen).transpose(1, 2)
-        elif layout == "padded":
-            t = torch.randn(B, H, S, D + 8, generator=gen)[..., :D]
+        elif layout == "padded":  # cast before slicing: .to() of a non-dense view would make it dense
+            return torch.randn(B, H, S, D + 8, generator=gen).to(device=device, dtype=dtype)[..., :D].requires_grad_()
         else:
             raise ValueError(layout)
         return t.to(device=device, dtype=dtype).requires_grad_()

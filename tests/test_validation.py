@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+import flashattn_py
 from flashattn_py import attention, ops
 
 
@@ -50,3 +51,12 @@ def test_mixed_devices():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="one device"):
         attention(q.cuda(), k, v)
+
+
+@pytest.mark.parametrize("make, kwargs, error, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_also_a_runtime_error(make, kwargs, error, message):
+    """Our errors are InputError / InputTypeError: ValueError / TypeError and RuntimeError, like torch's SDPA errors."""
+    with pytest.raises(RuntimeError, match=message) as info:
+        attention(*make(), **kwargs)
+    assert isinstance(info.value, error)
+    assert type(info.value) is (flashattn_py.InputError if error is ValueError else flashattn_py.InputTypeError)

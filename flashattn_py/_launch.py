@@ -1,0 +1,452 @@
+"""The Triton launch layer: kernel arguments from the contract, configs, launches.
+
+Inputs are already validated (see `ops`): q ``(B, H, Sq, D)``, k and v ``(B,
+H_kv, Sk, D)``, one dtype and device, unit last stride. Every kernel is
+launched by keyword, so a renamed or reordered kernel parameter fails loudly.
+Scalar options arrive as one `AttnSpec`; `_score_args` is the one place that
+turns it into the kernels' runtime scalars and feature constexprs.
+
+Under ``TRITON_INTERPRET=1`` the same launches run through Triton's CPU
+interpreter; `_interpreter` makes its bf16 matmul exact first (or refuses bf16).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import sys
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from . import _config
+from ._contract import DENSE, AttnSpec, BiasKind, SeqLayout, SeqMode
+
+try:  # Triton is a Linux-only dependency; elsewhere only the torch backend exists
+    import triton
+    from triton.runtime.errors import OutOfResources
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+    OutOfResources = RuntimeError
+try:  # host-side tensor descriptors (TMA on Hopper); every Triton we support has them
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover
+    TensorDescriptor = None
+
+# How many times each Triton kernel was launched in this process: tests read it to
+# prove the kernels (not the torch backend) produced a result.
+launch_counts: Counter[str] = Counter()
+
+_LOG2E = math.log2(math.e)
+_kernels: ModuleType | None = None
+_chosen_config: dict[tuple, _config.KernelConfig] = {}
+
+
+def _checkout_kernels() -> None:
+    """`flashattn_py.kernels` from a plain checkout, where kernels/ sits beside flashattn_py/ (not installed under it).
+
+    The installed package maps the repository's top-level kernels/ to `flashattn_py.kernels`
+    (pyproject's package-dir); here the same directory is loaded under the same name.
+    """
+    root = Path(__file__).resolve().parent.parent / "kernels"
+    spec = importlib.util.spec_from_file_location("flashattn_py.kernels", root / "__init__.py",
+                                                  submodule_search_locations=[str(root)])
+    if spec is None or not (root / "__init__.py").exists():
+        raise ModuleNotFoundError("flashattn_py.kernels is neither installed nor beside flashattn_py/ in a checkout")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["flashattn_py.kernels"] = module
+    spec.loader.exec_module(module)
+    sys.modules[__package__].kernels = module  # as the import system does for a submodule
+
+
+def _get_kernels() -> ModuleType | None:
+    """Import the kernels on first use, so TRITON_INTERPRET set after `import flashattn_py` still counts."""
+    global _kernels
+    if _kernels is None and triton is not None:
+        from . import _interpreter
+
+        if importlib.util.find_spec(f"{__package__}.kernels") is None:
+            _checkout_kernels()
+        from . import kernels
+        if type(kernels._attn_fwd).__name__ == "InterpretedFunction":
+            _interpreter.make_bf16_dot_exact()
+        _kernels = kernels
+    return _kernels
+
+
+def interpreter_active() -> bool:
+    """True when the kernels were (or will be) built for Triton's CPU interpreter."""
+    kernels = _get_kernels()
+    if kernels is None:
+        return False
+    return type(kernels._attn_fwd).__name__ == "InterpretedFunction"
+
+
+def uses_triton(t: torch.Tensor) -> bool:
+    """Whether attention on tensors like `t` runs the Triton kernels."""
+    if triton is None or t.dtype == torch.float64:  # float64 is the torch backend's alone
+        return False
+    if t.is_cuda:
+        return not interpreter_active()
+    if t.device.type == "cpu":
+        return interpreter_active()
+    return False
+
+
+# --- what would launch: the codegen report and the compile check capture launches instead of running them --------
+
+@dataclass
+class LaunchRecord:
+    """One kernel launch as `kernel[grid](**args, num_warps=config.num_warps, num_stages=config.num_stages)`."""
+
+    name: str
+    kernel: Any
+    args: dict[str, Any]
+    config: _config.KernelConfig
+    grid: tuple[int, ...]
+
+
+_capture: list[LaunchRecord] | None = None
+_capture_capability: tuple[int, int] | None = None
+
+
+@contextlib.contextmanager
+def capture_launches(capability: tuple[int, int] = (9, 0)) -> Iterator[list[LaunchRecord]]:
+    """Record the launches `triton_fwd` / `triton_bwd` would make on a GPU of `capability`; launch nothing.
+
+    Configs are chosen as for a CUDA tensor on that GPU (the first candidate,
+    before any out-of-resources fallback), whatever device the tensors are on.
+    """
+    global _capture, _capture_capability
+    records: list[LaunchRecord] = []
+    saved = (_capture, _capture_capability)
+    _capture, _capture_capability = records, capability
+    try:
+        yield records
+    finally:
+        _capture, _capture_capability = saved
+
+
+def _capability(t: torch.Tensor) -> tuple[int, int]:
+    if _capture_capability is not None:
+        return _capture_capability
+    return torch.cuda.get_device_capability(t.device) if t.is_cuda else (0, 0)
+
+
+def _for_gpu(q: torch.Tensor) -> bool:
+    """GPU configs (CUDA tensors, or a capture for a GPU); otherwise the interpreter's fixed ones."""
+    return q.is_cuda or _capture_capability is not None
+
+
+def _configs(kind: str, q: torch.Tensor, block_d: int, descriptors: bool = False,
+             heavy_scores: bool = False) -> list[_config.KernelConfig]:
+    if not _for_gpu(q):
+        return [_config.INTERPRETER[kind]]
+    return _config.candidates(kind, block_d, q.element_size(), _capability(q), descriptors, heavy_scores)
+
+
+def _launch(name: str, kernel, args: dict[str, Any], grid: Callable[[_config.KernelConfig], tuple],
+            constexprs: Callable[[_config.KernelConfig], dict], configs: list[_config.KernelConfig],
+            cache_key: tuple) -> None:
+    """Launch `kernel` by keyword with the first of `configs` that fits this GPU, and remember that config.
+
+    `constexprs(cfg)` gives the compile-time arguments that depend on the config
+    (block sizes and the EVEN_* flags).
+    """
+    if _capture is not None:
+        cfg = configs[0]
+        _capture.append(LaunchRecord(name, kernel, {**args, **constexprs(cfg)}, cfg, tuple(grid(cfg))))
+        return
+    key = (name, *cache_key)
+    candidates = [_chosen_config[key]] if key in _chosen_config else configs
+    last_error: Exception | None = None
+    for cfg in candidates:
+        try:
+            kernel[grid(cfg)](**args, **constexprs(cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        except OutOfResources as err:  # too much shared memory / registers: try a smaller tile
+            last_error = err
+            continue
+        _chosen_config[key] = cfg
+        launch_counts[name] += 1
+        return
+    raise RuntimeError(f"flashattn_py: no launch configuration of {name} fits this GPU") from last_error
+
+
+# --- kernel arguments from the contract -----------------------------------------------------------------------------
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs multiply in IEEE fp32 unless the user allowed TF32 for matmuls."""
+    if dtype != torch.float32:
+        return "tf32"  # ignored by tl.dot for 16-bit inputs
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if allow_tf32 else "ieee"
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _rows(prefix: str, t: torch.Tensor, packed: bool = False, row: str = "m") -> dict[str, int]:
+    """stride_{prefix}b/h/{row} of a (B, H, S, D) tensor; packed (1, H, total, D) views have no batch stride."""
+    return {f"stride_{prefix}b": 0 if packed else t.stride(0), f"stride_{prefix}h": t.stride(1),
+            f"stride_{prefix}{row}": t.stride(2)}
+
+
+def _even(rows: int, block: int, packed: bool) -> bool:
+    """EVEN_M / EVEN_N: every row block is full, so loads and stores need no row mask (never for packed)."""
+    return not packed and rows % block == 0
+
+
+def _bias_args(bias: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> dict[str, Any]:
+    """BIAS and its 4 strides for the kernels: broadcast dims get stride 0."""
+    if bias is None:
+        return dict(BIAS=None, stride_biasb=0, stride_biash=0, stride_biasm=0, stride_biasn=0)
+    full = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if full.dtype == torch.bool:
+        full = full.view(torch.uint8)  # same bytes; Triton loads it as integers
+    return dict(BIAS=full, **dict(zip(("stride_biasb", "stride_biash", "stride_biasm", "stride_biasn"),
+                                      full.stride(), strict=True)))
+
+
+def _alibi_args(alibi: torch.Tensor | None) -> dict[str, Any]:
+    """ALIBI slopes and strides: (H,) slopes broadcast over the batch with stride 0."""
+    if alibi is None:
+        return dict(ALIBI=None, stride_alibib=0, stride_alibih=0)
+    if alibi.dim() == 1:
+        return dict(ALIBI=alibi, stride_alibib=0, stride_alibih=alibi.stride(0))
+    return dict(ALIBI=alibi, stride_alibib=alibi.stride(0), stride_alibih=alibi.stride(1))
+
+
+def _score_args(spec: AttnSpec, alibi: torch.Tensor | None) -> dict[str, Any]:
+    """The spec as the kernels take it: runtime scalars of `_score_mods` and the band, and feature constexprs.
+
+    With softcap the kernels compute c * tanh(scale * qk / c) in base 2, so they
+    get qk_scale = scale / c and softcap_log2 = c * log2(e); otherwise qk_scale =
+    scale * log2(e).
+    """
+    if spec.softcap > 0:
+        qk_scale, softcap_log2 = spec.scale / spec.softcap, spec.softcap * _LOG2E
+    else:
+        qk_scale, softcap_log2 = spec.scale * _LOG2E, 0.0
+    return dict(offset=spec.offset, window_left=spec.window_left, window_right=spec.window_right,
+                qk_scale=qk_scale, softcap_log2=softcap_log2, dropout_p=spec.dropout_p, seed=spec.seed,
+                HAS_LEFT=spec.window_left >= 0, HAS_RIGHT=spec.window_right >= 0, SOFTCAP=spec.softcap > 0,
+                ALIBI_ON=alibi is not None, BIAS_KIND=int(spec.bias_kind), DROPOUT=spec.dropout_p > 0)
+
+
+def _device_of(t: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _stream_descriptors(kind: str, q: torch.Tensor, seq: SeqLayout, *streamed: torch.Tensor,
+                        plain_band: bool = True) -> bool:
+    """Whether a pass reads the operands its loop streams through tensor descriptors (TMA), not per-thread pointers.
+
+    The streamed operands are K and V in the forward and the dQ pass, Q and dO in the dK/dV pass.
+    Dense layout, 16-bit inputs, and what TMA needs: 16-byte aligned base and strides. On a GPU
+    only from sm_90 on; under the interpreter when `_config.INTERPRETER_STREAM_DESCRIPTORS` is set
+    (the tests run both paths). Paged caches, packed sequences, fp32 and older GPUs keep pointers.
+    """
+    if TensorDescriptor is None or seq.mode != SeqMode.DENSE or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if not _config.stream_descriptors(kind, _block_d(q.shape[3]), plain_band):
+        return False
+    if _for_gpu(q):
+        if _capability(q) < (9, 0):
+            return False
+    elif not _config.INTERPRETER_STREAM_DESCRIPTORS:
+        return False
+    elem = q.element_size()
+    return all(t.data_ptr() % 16 == 0 and t.shape[3] * elem >= 16 and t.stride(3) == 1
+               and all(stride * elem % 16 == 0 for stride, n in zip(t.stride()[:3], t.shape[:3], strict=True) if n > 1)
+               for t in streamed)
+
+
+def _descriptor(t: torch.Tensor, block_rows: int, block_d: int):
+    """A (B, H, S, D) descriptor with [1, 1, block_rows, block_d] boxes; out-of-bounds rows and columns read 0.
+
+    A size-1 dim's stride is never stepped along; it is rounded up to the 16 bytes TMA wants.
+    """
+    align = 16 // t.element_size()
+    strides = [stride if n > 1 else max(align, -(-stride // align) * align)
+               for stride, n in zip(t.stride()[:3], t.shape[:3], strict=True)]
+    return TensorDescriptor(t, list(t.shape), [*strides, 1], [1, 1, block_rows, block_d])
+
+
+def _descriptor_args(use: bool, tensors: dict[str, torch.Tensor], block_rows: int, block_d: int) -> dict[str, Any]:
+    """The *_DESC kernel arguments of one config: descriptors whose box is one streamed tile, or None."""
+    return {name: _descriptor(t, block_rows, block_d) if use else None for name, t in tensors.items()}
+
+
+def _packed_like(t: torch.Tensor) -> torch.Tensor:
+    """An empty (1, H, total, D) view of a fresh packed (total, H, D) tensor, for outputs of packed inputs."""
+    return torch.empty_like(t.transpose(1, 2)[0]).unsqueeze(0).transpose(1, 2)
+
+
+# --- launchers ------------------------------------------------------------------------------------------------------
+
+def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
+               alibi: torch.Tensor | None, spec: AttnSpec, seq: SeqLayout = DENSE,
+               num_splits: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """O and LSE (natural log, float32) from the forward kernel.
+
+    Dense: O like q, LSE (B, H, Sq). Packed (q/k/v as (1, H, total, D) views):
+    O (1, H, total, D) view of a packed (total, H, D) tensor, LSE (H, total).
+    num_splits > 1 (KV cache): partial results merged here by their LSE.
+    """
+    kernels = _get_kernels()
+    _, H, Sq, D = q.shape
+    packed = seq.mode == SeqMode.PACKED
+    paged = seq.block_table is not None
+    B = seq.batch if packed else q.shape[0]
+    max_q = seq.max_seqlen_q if packed else Sq
+    seqlen_k = k.shape[2] if not paged else seq.block_table.shape[1] * k.shape[2]
+    block_d = _block_d(D)
+    if packed:
+        o = _packed_like(q)
+        lse = torch.empty((H, Sq), device=q.device, dtype=torch.float32)
+        o_strides = dict(stride_os=0, stride_ob=0, stride_oh=o.stride(1), stride_om=o.stride(2))
+        lse_strides = dict(stride_lses=0, stride_lseb=0, stride_lseh=Sq)
+    elif num_splits > 1:
+        o = torch.empty((num_splits, B, H, Sq, D), device=q.device, dtype=torch.float32)
+        lse = torch.empty((num_splits, B, H, Sq), device=q.device, dtype=torch.float32)
+        o_strides = dict(zip(("stride_os", "stride_ob", "stride_oh", "stride_om"), o.stride()[:4], strict=True))
+        lse_strides = dict(zip(("stride_lses", "stride_lseb", "stride_lseh"), lse.stride()[:3], strict=True))
+    else:
+        o = torch.empty_like(q)
+        lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
+        o_strides = dict(stride_os=0, **_rows("o", o))
+        lse_strides = dict(stride_lses=0, stride_lseb=lse.stride(0), stride_lseh=lse.stride(1))
+
+    configs = _configs("fwd", q, block_d, heavy_scores=bias is not None or spec.dropout_p > 0)
+    decoding = seq.mode == SeqMode.KV_CACHE and Sq <= _config.DECODE_MAX_QUERIES and _for_gpu(q)
+    if decoding:  # do not spend a 128-row tile on a handful of queries
+        configs = _config.decode_configs(block_d, q.element_size(), _capability(q))
+    if num_splits > 1:  # split boundaries must fall on key blocks: keep one BLOCK_N
+        configs = [c for c in configs if c.block_n == configs[0].block_n]
+        split_len = triton.cdiv(triton.cdiv(seqlen_k, num_splits), configs[0].block_n) * configs[0].block_n
+    else:
+        split_len = max(seqlen_k, 1)
+    args = dict(
+        Q=q, K=k, V=v, O=o, LSE=lse, **_bias_args(bias, q, k), **_alibi_args(alibi),
+        CU_Q=seq.cu_seqlens_q if packed else None, CU_K=seq.cu_seqlens_k if packed else None,
+        SEQLENS_K=seq.seqlens_k, BLOCK_TABLE=seq.block_table,
+        **_rows("q", q, packed), **_rows("k", k, packed, "n"), **_rows("v", v, packed, "n"), **o_strides,
+        **lse_strides,
+        **dict(zip(("stride_tableb", "stride_tablep"), seq.block_table.stride() if paged else (0, 0), strict=True)),
+        num_heads=H, kv_group=H // k.shape[1], seqlen_q=Sq, seqlen_k=seqlen_k, page_size=k.shape[2] if paged else 1,
+        split_len=split_len, **_score_args(spec, alibi),
+        HEAD_DIM=D, BLOCK_D=block_d, SEQ_MODE=int(seq.mode), PAGED=paged, EVEN_D=block_d == D,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        # scores that are scale * q k^T and nothing else: the unmasked stage folds the scale into exp2
+        PLAIN_SCORES=spec.softcap == 0 and alibi is None and spec.bias_kind == BiasKind.NONE,
+        NEG_SCALE=spec.scale < 0, STREAM_DESC=_stream_descriptors("fwd", q, seq, k, v),
+    )
+
+    def per_config(c: _config.KernelConfig) -> dict[str, Any]:
+        return dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, EVEN_M=_even(Sq, c.block_m, packed),
+                    **_descriptor_args(args["STREAM_DESC"], dict(K_DESC=k, V_DESC=v), c.block_n, block_d))
+
+    with _device_of(q):
+        _launch("attn_fwd", kernels._attn_fwd, args,
+                lambda c: (triton.cdiv(max_q, c.block_m), B * H, max(num_splits, 1)), per_config,
+                configs, (block_d, q.dtype, _capability(q), num_splits > 1, decoding, args["STREAM_DESC"]))
+    if args["STREAM_DESC"] and _capture is None:
+        launch_counts["attn_fwd:descriptors"] += 1
+    if num_splits > 1:  # flash-decoding: merge the splits by their log-sum-exp
+        lse_all = torch.logsumexp(lse, dim=0)
+        weights = torch.exp(lse - torch.where(torch.isneginf(lse_all), torch.inf, lse_all))
+        return (weights[..., None] * o).sum(0).to(q.dtype), lse_all
+    return o, lse
+
+
+def triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+               lse: torch.Tensor, dlse: torch.Tensor | None, bias: torch.Tensor | None, alibi: torch.Tensor | None,
+               need_dbias: bool, spec: AttnSpec, seq: SeqLayout = DENSE,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """dQ, dK, dV (like q, k, v) and dBias (bias's shape, float32) from the backward kernels."""
+    kernels = _get_kernels()
+    _, H, Sq, D = q.shape
+    packed = seq.mode == SeqMode.PACKED
+    B = seq.batch if packed else q.shape[0]
+    H_kv, Sk = k.shape[1], k.shape[2]
+    max_q = seq.max_seqlen_q if packed else Sq
+    max_k = seq.max_seqlen_k if packed else Sk
+    block_d = _block_d(D)
+    cache_key = (block_d, q.dtype, _capability(q))
+    dq, dk, dv = (_packed_like(t) if packed else torch.empty_like(t) for t in (q, k, v))
+    delta = torch.empty_like(lse)
+    if dlse is not None:
+        dlse = dlse.contiguous()
+    pre = _config.PREPROCESS if _for_gpu(q) else _config.INTERPRETER["preprocess"]
+    pre_batch = 1 if packed else B  # the preprocess is row-wise: packed rows are one long "sequence"
+    lse_strides = dict(stride_lseb=0, stride_lseh=Sq) if packed else dict(stride_lseb=lse.stride(0),
+                                                                           stride_lseh=lse.stride(1))
+    # what the three main passes share: inputs, per-row statistics, the spec, the layout
+    common = dict(
+        Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, **_alibi_args(alibi),
+        **_rows("q", q, packed), **_rows("k", k, packed, "n"), **_rows("v", v, packed, "n"),
+        **_rows("do", do, packed), num_heads=H, kv_group=H // H_kv, seqlen_q=Sq, seqlen_k=Sk,
+        **_score_args(spec, alibi), HEAD_DIM=D, BLOCK_D=block_d, EVEN_D=block_d == D,
+        DOT_PRECISION=_dot_precision(q.dtype),
+    )
+    bias_args = _bias_args(bias, q, k)
+    layout = dict(CU_Q=seq.cu_seqlens_q if packed else None, CU_K=seq.cu_seqlens_k if packed else None,
+                  SEQ_MODE=int(seq.mode), sm_scale=spec.scale, **bias_args, **lse_strides)
+
+    with _device_of(q):
+        _launch("attn_bwd_preprocess", kernels._attn_bwd_preprocess,
+                dict(O=o, DO=do, DLSE=dlse, DELTA=delta, **_rows("o", o), **_rows("do", do), num_heads=H,
+                     seqlen_q=Sq, HEAD_DIM=D, BLOCK_D=block_d, HAS_DLSE=dlse is not None, EVEN_D=block_d == D),
+                lambda c: (triton.cdiv(Sq, c.block_m), pre_batch * H),
+                lambda c: dict(BLOCK_M=c.block_m, EVEN_M=Sq % c.block_m == 0), [pre], cache_key)
+        plain_band = spec.window_left < 0 and spec.window_right < 0 and bias is None and spec.dropout_p == 0
+        qdo_desc = _stream_descriptors("dkdv", q, seq, q, do, plain_band=plain_band)
+        _launch("attn_bwd_dkdv", kernels._attn_bwd_dkdv,
+                dict(common, DK=dk, DV=dv, **_rows("dk", dk, packed, "n"), **_rows("dv", dv, packed, "n"), **layout,
+                     STREAM_DESC=qdo_desc),
+                lambda c: (triton.cdiv(max_k, c.block_n), B * H_kv),
+                lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, EVEN_M=_even(Sq, c.block_m, packed),
+                               EVEN_N=_even(Sk, c.block_n, packed),
+                               **_descriptor_args(qdo_desc, dict(Q_DESC=q, DO_DESC=do), c.block_m, block_d)),
+                _configs("dkdv", q, block_d, qdo_desc), (*cache_key, qdo_desc))
+        kv_desc = _stream_descriptors("dq", q, seq, k, v)
+        _launch("attn_bwd_dq", kernels._attn_bwd_dq,
+                dict(common, DQ=dq, **_rows("dq", dq, packed), **layout, STREAM_DESC=kv_desc),
+                lambda c: (triton.cdiv(max_q, c.block_m), B * H),
+                lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, EVEN_M=_even(Sq, c.block_m, packed),
+                               **_descriptor_args(kv_desc, dict(K_DESC=k, V_DESC=v), c.block_n, block_d)),
+                _configs("dq", q, block_d), (*cache_key, kv_desc))
+        if _capture is None:
+            launch_counts["attn_bwd_dkdv:descriptors"] += qdo_desc
+            launch_counts["attn_bwd_dq:descriptors"] += kv_desc
+        dbias = None
+        if need_dbias:
+            # a bias dim of size 1 (against a larger problem dim) is summed over inside the kernel
+            bcast = [bias.shape[i] == 1 and n > 1 for i, n in enumerate((B, H, Sq, Sk))]
+            dbias = torch.empty(bias.shape, device=q.device, dtype=torch.float32)
+            args = dict(common, **bias_args, DBIAS=dbias, batch=B, BCAST_B=bcast[0], BCAST_H=bcast[1],
+                        BCAST_M=bcast[2], BCAST_N=bcast[3],
+                        **dict(zip(("stride_dbb", "stride_dbh", "stride_dbm", "stride_dbn"), dbias.stride(),
+                                   strict=True)))
+            del args["BIAS_KIND"]  # the dBias pass always has a float bias
+            _launch("attn_bwd_dbias", kernels._attn_bwd_dbias, args,
+                    lambda c: (1 if bcast[2] else triton.cdiv(Sq, c.block_m),
+                               1 if bcast[3] else triton.cdiv(Sk, c.block_n), dbias.shape[0] * dbias.shape[1]),
+                    lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n),
+                    _configs("dq", q, block_d), cache_key)
+    return dq, dk, dv, dbias
+
+
+__all__ = ["BiasKind", "LaunchRecord", "capture_launches", "interpreter_active", "launch_counts", "triton_bwd",
+           "triton_fwd", "uses_triton"]
