@@ -25,11 +25,16 @@ from pathlib import Path
 
 import torch
 
-from .decode import decode_markdown, run_decode
-from .decode import to_json as decode_to_json
-from .impls import CPU_IMPLEMENTATIONS, IMPLEMENTATIONS
-from .report import cpu_markdown, environment, markdown, plots, smoke_markdown, write_json
-from .suite import (
+if not torch.cuda.is_available() and "--interpret" in sys.argv[1:]:
+    # before Triton is imported: its own @triton.jit helpers (tl.sum, tl.max, ...) are built for the interpreter
+    # only when TRITON_INTERPRET is set at that point
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .decode import decode_markdown, run_decode  # noqa: E402
+from .decode import to_json as decode_to_json  # noqa: E402
+from .impls import CPU_IMPLEMENTATIONS, IMPLEMENTATIONS  # noqa: E402
+from .report import cpu_markdown, environment, markdown, plots, smoke_markdown, write_json  # noqa: E402
+from .suite import (  # noqa: E402
     NAIVE_BUDGET_BYTES,
     PASSES,
     cpu_cases,
@@ -72,6 +77,12 @@ def _select_cpu_backend(interpret: bool) -> str | None:
     wanted = "1" if interpret else None
     current = os.environ.get("TRITON_INTERPRET") or None
     current = None if current == "0" else current
+    if interpret and "triton" in sys.modules:
+        import triton.language.standard as tl_standard
+
+        if type(tl_standard.sum).__name__ != "InterpretedFunction":
+            return ("Triton was imported without TRITON_INTERPRET=1, so its helpers cannot run interpreted; "
+                    "run `python -m benchmarks --interpret` in a fresh process")
     if _kernels_loaded():
         from flashattn_py import ops
 

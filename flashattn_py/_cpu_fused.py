@@ -21,7 +21,7 @@ What the op does that our contract does not (measured on torch 2.13), and the fi
   * GQA (H_kv < H heads in k/v) is handled in the op itself, dk/dv summed per group;
   * its dropout draws from a stream the backward cannot regenerate under our
     contract (the seed is ours), so dropout never comes here.
-Torch versions without the op (or without its ``attn_mask`` argument, before 2.3)
+Torch versions without the op (or whose op takes no ``attn_mask``: checked in its schema)
 send every call (or every masked call) to the blocked path.
 """
 

@@ -45,7 +45,7 @@ def test_cpu_suite_times_the_pytorch_path(tmp_path):
         (i, p, c) for i in ("flashattn_py", "sdpa", "naive") for p in ("fwd", "bwd", "fwd_bwd") for c in (False, True)}
     for r in plain:
         assert RECORD_KEYS <= set(r) and r["status"] == "ok", r
-        assert r["ms"] > 0 and r["tflops"] > 0 and 1 <= r["repeats"] <= 3  # short cases get extra rounds
+        assert r["ms"] > 0 and r["tflops"] > 0 and 1 <= r["repeats"] <= 6  # extra rounds, 2 forwards each
         assert r["max_abs_err"] < 1e-4  # every implementation agrees with the float64 reference
         if r["pass"] != "bwd":
             assert r["peak_mem_bytes"] is not None and r["peak_mem_bytes"] >= 0
