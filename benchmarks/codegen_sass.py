@@ -40,6 +40,16 @@ def tool(name: str) -> str:
     return found
 
 
+def has_bundled_toolchain() -> bool:
+    """Whether the installed Triton ships the NVIDIA tools the report needs (ptxas, nvdisasm, cuobjdump)."""
+    try:
+        import triton
+    except ImportError:
+        return False
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    return all(os.path.exists(os.path.join(bin_dir, t)) for t in ("ptxas", "nvdisasm", "cuobjdump"))
+
+
 def _run_on_cubin(args: list[str], cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)

@@ -9,18 +9,10 @@ from pathlib import Path
 
 import pytest
 
-
-def _has_nvidia_backend() -> bool:
-    try:
-        import triton
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-    except ImportError:
-        return False
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    return all((bin_dir / tool).exists() for tool in ("ptxas", "nvdisasm", "cuobjdump"))
+from benchmarks import codegen_sass as cs
 
 
-@pytest.mark.skipif(not _has_nvidia_backend(), reason="this Triton has no bundled NVIDIA toolchain")
+@pytest.mark.skipif(not cs.has_bundled_toolchain(), reason="this Triton has no bundled NVIDIA toolchain")
 def test_kernels_compile_with_tensor_cores():
     """sm_90 (every feature variant and one dense variant per config table) and, in parallel on the other
     core, sm_80 and sm_100 on the dense ones: compiling is slow on CI's 2 cores; `--full` covers the grid."""

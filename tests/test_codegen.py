@@ -74,16 +74,7 @@ def test_mma_shapes():
     assert cs.mma_flops_per_warp(tcgen05) is None
 
 
-def _has_nvidia_backend() -> bool:
-    try:
-        import triton
-    except ImportError:
-        return False
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    return all((bin_dir / tool).exists() for tool in ("ptxas", "nvdisasm", "cuobjdump"))
-
-
-@pytest.mark.skipif(not _has_nvidia_backend(), reason="this Triton has no bundled NVIDIA toolchain")
+@pytest.mark.skipif(not cs.has_bundled_toolchain(), reason="this Triton has no bundled NVIDIA toolchain")
 def test_report_end_to_end(tmp_path):
     import triton
 
