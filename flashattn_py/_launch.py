@@ -448,5 +448,5 @@ def triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     return dq, dk, dv, dbias
 
 
-__all__ = ["BiasKind", "LaunchRecord", "capture_launches", "interpreter_active", "launch_counts", "triton_bwd",
+__all__ = ["LaunchRecord", "capture_launches", "interpreter_active", "launch_counts", "triton_bwd",
            "triton_fwd", "uses_triton"]
