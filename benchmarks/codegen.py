@@ -284,6 +284,10 @@ def variants(batch: int, heads: int, seqlen: int) -> list[Variant]:
         spec = c.AttnSpec(scale=0.125, window_left=1024, window_right=0, softcap=30.0)
         _fwd_bwd(q, k, v, spec, alibi=torch.rand(heads))
 
+    def sliding_window():
+        q, k, v = (torch.empty(batch, heads, seqlen, 128, dtype=torch.float16) for _ in range(3))
+        _fwd_bwd(q, k, v, c.AttnSpec(scale=128 ** -0.5, window_left=4096, window_right=0))
+
     def bias_dropout():
         q, k, v = (torch.empty(batch, heads, seqlen, 128, dtype=torch.float16) for _ in range(3))
         bias = torch.empty(batch, 1, 1, seqlen, dtype=torch.float16)
@@ -315,6 +319,7 @@ def variants(batch: int, heads: int, seqlen: int) -> list[Variant]:
     out += [
         Variant("bf16 D64 GQA4 window1024 alibi softcap causal", "bf16", 64, True, "feature", gqa_window,
                 ["gqa", "window", "alibi", "softcap"]),
+        Variant("fp16 D128 window4096 causal", "fp16", 128, True, "feature", sliding_window, ["window"]),
         Variant("fp16 D128 bias dropout dbias", "fp16", 128, False, "feature", bias_dropout,
                 ["bias", "dropout", "dbias"]),
         Variant("bf16 D128 varlen causal", "bf16", 128, True, "feature", varlen, ["varlen"]),
@@ -356,7 +361,7 @@ def analyse(record, variant: Variant, arch: int, compiled, spec, dump_dir: Path 
         "name": record.name, "pass": pass_, "variant": variant.label, "dtype": variant.dtype,
         "head_dim": variant.head_dim, "causal": variant.causal, "features": variant.features,
         "config": {"block_m": cfg.block_m, "block_n": cfg.block_n, "num_warps": cfg.num_warps,
-                   "num_stages": cfg.num_stages},
+                   "num_stages": cfg.num_stages, "masked_block_m": cfg.masked_rows},
         "grid": list(record.grid),
         "registers": usage.get("REG", 0),
         "spill_bytes": usage.get("STACK", 0),
@@ -412,6 +417,8 @@ def _hot_loop(row: dict, pass_: str, cfg, block_d: int, scores_per_tile: int, ar
     mufu_clocks = mufu * cfg.num_warps * 32 * 1000 / scores / EXP2_PER_CLOCK
     return {
         "instructions_per_iteration": instr,
+        "static_instructions_per_iteration": row["static_instructions"],
+        "off_path": row["off_path"],
         "scores_per_iteration": scores,
         "unroll": unroll,
         "warp_instr_per_1k_scores": round(per_1k, 1),
@@ -473,9 +480,21 @@ def notes_for(entry: dict) -> list[str]:
         fences = {k: v for k, v in hot["fences_barriers"].items() if k.startswith(("MEMBAR", "FENCE"))}
         if fences:
             notes.append(f"fences per iteration: {_fmt_counts(fences)}")
+        skipped = [b for b in hot.get("off_path", []) if b["instructions"] > 8]
+        if skipped:
+            notes.append("side blocks off the steady path: "
+                         + ", ".join(f"{b['source']} ({b['instructions']} instr)" for b in skipped))
         if hot["unroll"] > 1:
             notes.append(f"hot loop unrolled ×{hot['unroll']}")
     return notes
+
+
+def _instr_cell(hot: dict) -> str:
+    """Steady-path instructions per iteration, with the static count of the whole body when it differs."""
+    if not hot:
+        return "–"
+    steady, static = hot["instructions_per_iteration"], hot.get("static_instructions_per_iteration")
+    return f"{steady}" if static in (None, steady) else f"{steady} ({static} static)"
 
 
 def markdown(report: dict) -> str:
@@ -495,9 +514,11 @@ def markdown(report: dict) -> str:
         h = e["hot_loop"] or {}
         model = h.get("model", {})
         cfg = f"{c['block_m']}x{c['block_n']} {c['num_warps']}/{c['num_stages']}"
+        if c.get("masked_block_m", c["block_m"]) != c["block_m"]:
+            cfg += f" (masked {c['masked_block_m']})"
         lines.append(
             f"| {e['variant']} | {e['pass']} | {cfg} | {e['registers']} | {e['spill_bytes']} | "
-            f"{e['shared_bytes'] / 1024:.1f} | {h.get('instructions_per_iteration', '–')} | "
+            f"{e['shared_bytes'] / 1024:.1f} | {_instr_cell(h)} | "
             f"{h.get('scores_per_iteration', '–')} | {h.get('warp_instr_per_1k_scores', '–')} | "
             f"{model.get('issue_vs_tensor') if model.get('issue_vs_tensor') is not None else '–'} | "
             f"{model.get('mufu_clocks_per_1k_scores', '–')} | {_short_mma(h.get('mma', {}))} | "

@@ -158,6 +158,8 @@ class Loop:
     parent: Loop | None = None
     children: list[Loop] = field(default_factory=list)
     latches: list[Instr] = field(default_factory=list)  # the branches back to the header
+    path: list[Instr] = field(default_factory=list)  # one iteration's steady path (see `steady_path`)
+    off_path: list[list[Instr]] = field(default_factory=list)  # the body's blocks that path skips
 
     @property
     def start(self) -> int:
@@ -241,8 +243,12 @@ def find_loops(instrs: list[Instr], labels: dict[str, int]) -> list[Loop]:
                     if x not in body:
                         body.add(x)
                         work.extend(p for p in pred[x] if p in reachable)
-    loops = [Loop(h, body, [instrs[n] for b in sorted(body) for n in blocks[b]], latches=latches[h])
-             for h, body in bodies.items()]
+    loops = []
+    for h, body in bodies.items():
+        on_path = steady_path(h, body, blocks, succ)
+        loops.append(Loop(h, body, [instrs[n] for b in sorted(body) for n in blocks[b]], latches=latches[h],
+                          path=[instrs[n] for b in sorted(on_path) for n in blocks[b]],
+                          off_path=[[instrs[n] for n in blocks[b]] for b in sorted(body - on_path)]))
     loops.sort(key=lambda lp: lp.start)
     for lp in loops:  # the parent is the smallest strictly enclosing loop
         enclosing = [o for o in loops if o is not lp and lp.blocks < o.blocks]
@@ -250,6 +256,42 @@ def find_loops(instrs: list[Instr], labels: dict[str, int]) -> list[Loop]:
             lp.parent = min(enclosing, key=lambda o: len(o.blocks))
             lp.parent.children.append(lp)
     return loops
+
+
+def steady_path(header: int, body: set[int], blocks: list[list[int]], succ: list[set[int]]) -> set[int]:
+    """The blocks of the cheapest way once around a loop: header to a back edge, fewest instructions.
+
+    What a steady-state iteration issues when every conditional side path is skipped: a wait
+    that retries (an mbarrier try-wait that failed), a data-dependent rare branch (the forward's
+    accumulator rescale when a row maximum grows by more than its threshold). Inner loops count
+    once around at most. `loop_table` keeps the static count of the whole body next to it and
+    falls back to it when the path would skip tensor-core or memory work.
+    """
+    import heapq
+
+    dist = {header: len(blocks[header])}
+    back: dict[int, int] = {}
+    heap = [(dist[header], header)]
+    best_latch, best = None, None
+    while heap:
+        d, b = heapq.heappop(heap)
+        if d > dist.get(b, float("inf")):
+            continue
+        if header in succ[b] and (best is None or d < best):
+            best_latch, best = b, d
+        for s in succ[b]:
+            if s in body and s != header and d + len(blocks[s]) < dist.get(s, float("inf")):
+                dist[s] = d + len(blocks[s])
+                back[s] = b
+                heapq.heappush(heap, (dist[s], s))
+    if best_latch is None:
+        return set(body)
+    path = {best_latch}
+    b = best_latch
+    while b != header:
+        b = back[b]
+        path.add(b)
+    return path
 
 
 def counter_bits(lp: Loop) -> int | None:
@@ -384,7 +426,11 @@ HOT_LOOP_RULE = (
     "(ISETP/FSETP/FSEL/SEL/FMNMX/...) is within half a select per score element held by a thread "
     "(BLOCK_M·BLOCK_N/(64·num_warps)) of the lowest are mask-free: a structural mask costs at least one select per "
     "score element; of those, the first in address order (the stages are emitted in source order: window's left "
-    "edge, unmasked middle, right edge / diagonal / ragged block). Without MMAs (fp32 'ieee'), FFMA counts stand in."
+    "edge, unmasked middle, right edge / diagonal / ragged block). Without MMAs (fp32 'ieee'), FFMA counts stand in. "
+    "Its instructions per iteration are those of the steady path: the cheapest way once around the loop, skipping "
+    "conditional side blocks (an mbarrier wait that retries; the forward's accumulator rescale, taken only when a "
+    "row maximum grows by more than 2^8), unless that would skip MMAs or memory operations; the static count of "
+    "every block and the skipped blocks (source line, size) are listed beside it."
 )
 
 
@@ -414,7 +460,13 @@ def loop_table(instrs: list[Instr], labels: dict[str, int], mask_tolerance: floa
     for lp in loops:
         if work(lp) == 0:
             continue
-        c = classify(lp.instrs)
+        whole = classify(lp.instrs)
+        c = classify(lp.path)
+        if any(c[k] != whole[k] for k in ("mma", "async_copies", "global_memory", "shared_memory")):
+            c = whole  # the cheap path skips real work (a guarded load, say): count every block
+        c["static_instructions"] = whole["instructions"]
+        c["off_path"] = [{"source": _where(blk), "instructions": len(blk)} for blk in lp.off_path
+                         if c is not whole]
         rows.append({"start": f"0x{lp.start:04x}", "end": f"0x{lp.end:04x}", "depth": _depth(lp),
                      "counter_bits": counter_bits(lp),
                      "innermost": not nested_work(lp), "work": work(lp), "_loop": lp, **c})
@@ -430,6 +482,14 @@ def loop_table(instrs: list[Instr], labels: dict[str, int], mask_tolerance: floa
     for r in rows:
         r.pop("work")
     return rows, hot
+
+
+def _where(block: list[Instr]) -> str:
+    """file:line of a block's first instruction with a source line."""
+    for ins in block:
+        if ins.source:
+            return f"{ins.source[0].rsplit('/', 1)[-1]}:{ins.source[1]}"
+    return "?"
 
 
 def _depth(lp: Loop) -> int:

@@ -23,12 +23,19 @@ class KernelConfig:
     block_n: int
     num_warps: int
     num_stages: int
+    # dK/dV pass: query rows per step in the masked stages (causal diagonal, window edges, ragged
+    # block); 0 means block_m. Half-height masked tiles free the registers their index tiles take.
+    masked_block_m: int = 0
+
+    @property
+    def masked_rows(self) -> int:
+        return self.masked_block_m or self.block_m
 
 
 # Interpreter: warps and stages mean nothing there; small blocks keep CPU tests quick.
 INTERPRETER = {
     "fwd": KernelConfig(block_m=32, block_n=16, num_warps=4, num_stages=1),
-    "dkdv": KernelConfig(block_m=16, block_n=32, num_warps=4, num_stages=1),
+    "dkdv": KernelConfig(block_m=32, block_n=16, num_warps=4, num_stages=1, masked_block_m=16),
     "dq": KernelConfig(block_m=32, block_n=16, num_warps=4, num_stages=1),
     "preprocess": KernelConfig(block_m=32, block_n=32, num_warps=4, num_stages=1),
 }
@@ -80,23 +87,25 @@ def dkdv_configs(block_d: int, elem_bytes: int, capability: tuple[int, int],
                  descriptors: bool = False) -> list[KernelConfig]:
     """dK/dV candidates: K/V tiles of BLOCK_N rows resident, query tiles of BLOCK_M rows stream.
 
-    Hopper (codegen report, warp-instructions per 1K scores): D=64 32x128 4/3 356 (64x128
-    8/2: 377); D=128 with Q/dO descriptors 64x128 8/2 409, 0 spills (only without a band,
-    bias or dropout: see `stream_descriptors`); with pointers 64x64 8/3 493 (32x128 8/2:
-    598; 64x128 spills).
+    Hopper (codegen report, warp-instructions per 1K scores, triton 3.9 / 3.6): D=64 32x128 4/3
+    with 16-row masked steps 362, causal 356, 0 spills (64x128 8/2: 377); D=128 with Q/dO
+    descriptors 64x128 8/2 with 32-row masked steps 415 / 408, causal 415 / 458, 0 spills
+    (without bias or dropout: see `stream_descriptors`; 64-row masked steps spill 72 B causal on
+    3.9); with pointers 64x64 8/3 493 (32x128 8/2: 598; 64x128 spills).
     """
     hopper = capability >= (9, 0)
     if elem_bytes == 4:
         return [KernelConfig(32, 64, 4, 2), KernelConfig(16, 32, 4, 1), KernelConfig(16, 16, 4, 1)]
     if block_d <= 64:
-        return [KernelConfig(32, 128, 4, 3), KernelConfig(32, 64, 4, 2), KernelConfig(16, 32, 4, 1)]
+        return [KernelConfig(32, 128, 4, 3, masked_block_m=16), KernelConfig(32, 64, 4, 2), KernelConfig(16, 32, 4, 1)]
     if block_d <= 128:
         if hopper and descriptors:  # Q/dO through TMA free the registers a 64x128 tile needs
-            first = [KernelConfig(64, 128, 8, 2), KernelConfig(64, 64, 8, 3)]
+            first = [KernelConfig(64, 128, 8, 2, masked_block_m=32), KernelConfig(64, 64, 8, 3)]
         else:
             first = [KernelConfig(64, 64, 8, 3)] if hopper else []
         return [*first, KernelConfig(32, 128, 8, 2), KernelConfig(32, 64, 4, 2), KernelConfig(16, 32, 4, 1)]
-    return [KernelConfig(32, 64, 8, 1), KernelConfig(16, 64, 4, 1), KernelConfig(16, 32, 4, 1),
+    # D=256 spills in every config tried (320 B; 16-row masked steps: causal 440 -> 336 B)
+    return [KernelConfig(32, 64, 8, 1, masked_block_m=16), KernelConfig(16, 64, 4, 1), KernelConfig(16, 32, 4, 1),
             KernelConfig(16, 16, 4, 1)]
 
 
@@ -144,16 +153,15 @@ def candidates(kind: str, block_d: int, elem_bytes: int, capability: tuple[int, 
     return dq_configs(block_d, elem_bytes, capability)
 
 
-def stream_descriptors(kind: str, block_d: int, plain_band: bool = True) -> bool:
+def stream_descriptors(kind: str, block_d: int, heavy_scores: bool = False) -> bool:
     """Whether a pass reads its streamed operands through tensor descriptors where the inputs allow (sm_90+).
 
     From the codegen report: the forward and dQ gain at every head dim (D=128: fwd 269 -> 257,
     dQ 330 -> 305 warp-instructions per 1K scores, and far fewer registers). dK/dV gains at
-    D=128 with the 64x128 tile it allows (493 -> 409), but only without a causal/window band,
-    bias or dropout (`plain_band`): with them that tile spills (96 B on triton 3.9, 168 B on
-    3.6, causal) for no fewer instructions on 3.6; it loses at D=64 (356 -> 367) and spills
+    D=128 with the 64x128 tile it allows (493 -> 415, causal too), but not with a bias tile or
+    dropout (`heavy_scores`: that tile then spills); it loses at D=64 (356 -> 367) and spills
     either way at D=256.
     """
     if kind == "dkdv":
-        return plain_band and 64 < block_d <= 128
+        return not heavy_scores and 64 < block_d <= 128
     return True

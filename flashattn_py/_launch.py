@@ -249,7 +249,7 @@ def _device_of(t: torch.Tensor):
 
 
 def _stream_descriptors(kind: str, q: torch.Tensor, seq: SeqLayout, *streamed: torch.Tensor,
-                        plain_band: bool = True) -> bool:
+                        heavy_scores: bool = False) -> bool:
     """Whether a pass reads the operands its loop streams through tensor descriptors (TMA), not per-thread pointers.
 
     The streamed operands are K and V in the forward and the dQ pass, Q and dO in the dK/dV pass.
@@ -259,7 +259,7 @@ def _stream_descriptors(kind: str, q: torch.Tensor, seq: SeqLayout, *streamed: t
     """
     if TensorDescriptor is None or seq.mode != SeqMode.DENSE or q.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if not _config.stream_descriptors(kind, _block_d(q.shape[3]), plain_band):
+    if not _config.stream_descriptors(kind, _block_d(q.shape[3]), heavy_scores):
         return False
     if _for_gpu(q):
         if _capability(q) < (9, 0):
@@ -410,14 +410,14 @@ def triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                      seqlen_q=Sq, HEAD_DIM=D, BLOCK_D=block_d, HAS_DLSE=dlse is not None, EVEN_D=block_d == D),
                 lambda c: (triton.cdiv(Sq, c.block_m), pre_batch * H),
                 lambda c: dict(BLOCK_M=c.block_m, EVEN_M=Sq % c.block_m == 0), [pre], cache_key)
-        plain_band = spec.window_left < 0 and spec.window_right < 0 and bias is None and spec.dropout_p == 0
-        qdo_desc = _stream_descriptors("dkdv", q, seq, q, do, plain_band=plain_band)
+        heavy = bias is not None or spec.dropout_p > 0
+        qdo_desc = _stream_descriptors("dkdv", q, seq, q, do, heavy_scores=heavy)
         _launch("attn_bwd_dkdv", kernels._attn_bwd_dkdv,
                 dict(common, DK=dk, DV=dv, **_rows("dk", dk, packed, "n"), **_rows("dv", dv, packed, "n"), **layout,
                      STREAM_DESC=qdo_desc),
                 lambda c: (triton.cdiv(max_k, c.block_n), B * H_kv),
-                lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, EVEN_M=_even(Sq, c.block_m, packed),
-                               EVEN_N=_even(Sk, c.block_n, packed),
+                lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, MASKED_BLOCK_M=c.masked_rows,
+                               EVEN_M=_even(Sq, c.block_m, packed), EVEN_N=_even(Sk, c.block_n, packed),
                                **_descriptor_args(qdo_desc, dict(Q_DESC=q, DO_DESC=do), c.block_m, block_d)),
                 _configs("dkdv", q, block_d, qdo_desc), (*cache_key, qdo_desc))
         kv_desc = _stream_descriptors("dq", q, seq, k, v)

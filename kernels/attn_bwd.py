@@ -101,19 +101,28 @@ def _attn_bwd_ds(qk, do, v, lse2, delta, row_idx, col_idx, qk_scale, softcap_log
                        SOFTCAP, ALIBI, BIAS_KIND, KEY_BOUNDS, MASK_LEFT, MASK_RIGHT)
     if TRANSPOSED:
         p = tl.exp2(s - lse2[None, :])
-        dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        delta_b = delta[None, :]
+        delta_b = tl.broadcast_to(delta[None, :], s.shape)
     else:
         p = tl.exp2(s - lse2[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        delta_b = delta[:, None]
+        delta_b = tl.broadcast_to(delta[:, None], s.shape)
     p_out = p
     if DROPOUT:  # row_idx is always the query index, col_idx the key's, whatever the orientation
+        if TRANSPOSED:
+            dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        else:
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         keep = _dropout_keep(seed, bh, row_idx, col_idx, dropout_p)
         inv_keep = 1.0 / (1.0 - dropout_p)
         p_out = tl.where(keep, p * inv_keep, 0.0)
         dp = tl.where(keep, dp * inv_keep, 0.0)
-    ds = p * (dp - delta_b)
+        ds = p * (dp - delta_b)
+    else:
+        # dP - Δ straight from the tensor cores: the accumulator starts at -Δ
+        if TRANSPOSED:
+            dp_delta = tl.dot(v, tl.trans(do), -delta_b, input_precision=DOT_PRECISION)
+        else:
+            dp_delta = tl.dot(do, tl.trans(v), -delta_b, input_precision=DOT_PRECISION)
+        ds = p * dp_delta
     ds_qk = ds
     if SOFTCAP:
         ds_qk = ds * (1.0 - t * t)
@@ -124,13 +133,14 @@ def _attn_bwd_ds(qk, do, v, lse2, delta, row_idx, col_idx, qk_scale, softcap_log
 def _attn_bwd_dkdv_inner(
     dk, dv, k, v,
     q_base, do_base, lse_base, delta_base, stride_qm, stride_dom, bias_base, stride_biasm, stride_biasn, alibi_slope,
-    cols, offs_m, offs_d, bh, seed, dropout_p,
+    cols, offs_d, bh, seed, dropout_p,
     lo, hi, seqlen_q, seqlen_k, offset, left, right, qk_scale, softcap_log2, q_b, q_h,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASKED: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
     BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, STREAM_DESC: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
+    offs_m = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         q = _stream_tile(q_base, start_m, offs_m, offs_d, stride_qm, seqlen_q, q_b, q_h, HEAD_DIM, EVEN_M, EVEN_D,
@@ -170,7 +180,7 @@ def _attn_bwd_dkdv(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, SEQ_MODE: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    STREAM_DESC: tl.constexpr,
+    STREAM_DESC: tl.constexpr, MASKED_BLOCK_M: tl.constexpr,
 ):
     """dK, dV for BLOCK_N keys of one (sequence, K/V head), streaming the query blocks that see them.
 
@@ -188,7 +198,6 @@ def _attn_bwd_dkdv(
     start_n = pid_n * BLOCK_N
     n64 = tl.cast(k_start + start_n, tl.int64)
 
-    offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     cols = start_n + offs_n
@@ -209,12 +218,8 @@ def _attn_bwd_dkdv(
         off_h = off_hkv * kv_group + g
         h64 = tl.cast(off_h, tl.int64)
         bh = off_b * num_heads + off_h
-        if STREAM_DESC:  # dense (B, H, Sq, D) descriptors, addressed by coordinates
-            q_base = Q_DESC
-            do_base = DO_DESC
-        else:
-            q_base = Q + b64 * stride_qb + h64 * stride_qh + tl.cast(q_start, tl.int64) * stride_qm
-            do_base = DO + b64 * stride_dob + h64 * stride_doh + tl.cast(q_start, tl.int64) * stride_dom
+        q_ptrs = Q + b64 * stride_qb + h64 * stride_qh + tl.cast(q_start, tl.int64) * stride_qm
+        do_ptrs = DO + b64 * stride_dob + h64 * stride_doh + tl.cast(q_start, tl.int64) * stride_dom
         lse_base = LSE + b64 * stride_lseb + h64 * stride_lseh + q_start
         delta_base = DELTA + b64 * stride_lseb + h64 * stride_lseh + q_start
         bias_base = 0  # absent tensors come as None; nothing reads them when their flag is off
@@ -225,15 +230,27 @@ def _attn_bwd_dkdv(
             alibi_slope = tl.load(ALIBI + b64 * stride_alibib + h64 * stride_alibih).to(tl.float32)
         # the queries in three stages, seen from the keys: the masked near edge (only with a right bound,
         # e.g. causal), the unmasked middle (queries that see every key of the block), the masked far edge
-        for stage in tl.static_range(0 if HAS_RIGHT else 1, 3):
+        # (the far edge is empty, so not even compiled, when every query block is full and no window bounds it)
+        for stage in tl.static_range(0 if HAS_RIGHT else 1, 3 if HAS_LEFT or not EVEN_M else 2):
             stage_lo, stage_hi = _stage_bounds(lo, full_lo, full_hi, hi, stage)
+            if stage == 1:
+                if STREAM_DESC:  # dense (B, H, Sq, D) descriptors, addressed by coordinates
+                    q_base = Q_DESC
+                    do_base = DO_DESC
+                else:
+                    q_base = q_ptrs
+                    do_base = do_ptrs
+            else:
+                q_base = q_ptrs
+                do_base = do_ptrs
             dk, dv = _attn_bwd_dkdv_inner(
                 dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qm, stride_dom,
-                bias_base, stride_biasm, stride_biasn, alibi_slope, cols, offs_m, offs_d, bh, seed, dropout_p,
+                bias_base, stride_biasm, stride_biasn, alibi_slope, cols, offs_d, bh, seed, dropout_p,
                 stage_lo, stage_hi, sq, sk, off, window_left, window_right, qk_scale, softcap_log2, off_b, off_h,
-                HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_D=BLOCK_D, MASKED=stage != 1, HAS_LEFT=HAS_LEFT,
+                HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M if stage == 1 else MASKED_BLOCK_M, BLOCK_D=BLOCK_D,
+                MASKED=stage != 1, HAS_LEFT=HAS_LEFT,
                 HAS_RIGHT=HAS_RIGHT, SOFTCAP=SOFTCAP, ALIBI=ALIBI_ON, BIAS_KIND=BIAS_KIND, DROPOUT=DROPOUT,
-                STREAM_DESC=STREAM_DESC, EVEN_M=EVEN_M, EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION,
+                STREAM_DESC=STREAM_DESC & (stage == 1), EVEN_M=EVEN_M, EVEN_D=EVEN_D, DOT_PRECISION=DOT_PRECISION,
             )
 
     dk *= sm_scale

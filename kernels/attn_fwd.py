@@ -5,7 +5,10 @@ blocks that row block can see. Scores live in the base-2 domain (`scale *
 log2(e)` folded into one multiply) so the softmax uses `exp2`. The band of
 visible keys is walked in three stages: the masked left edge of a sliding
 window, the unmasked middle, and the masked right edge (the causal diagonal and
-the ragged last block); blocks outside the band are never visited.
+the ragged last block); blocks outside the band are never visited. In the
+unmasked middle the accumulator is rescaled only when a row maximum grows by
+more than 2**8 (RESCALE_THRESHOLD); the running max may lag behind until then,
+which changes nothing in O or LSE.
 
 Optional features are constexpr-specialised and cost nothing when off:
 grouped K/V heads (GQA: query head h reads K/V head h // kv_group), sliding
@@ -22,6 +25,7 @@ import triton.language as tl
 
 from .tiles import (
     LN2,
+    RESCALE_THRESHOLD,
     _band_range,
     _dropout_keep,
     _load_rows,
@@ -77,11 +81,20 @@ def _attn_fwd_inner(
             # unmasked tile, no score modifier: the row max is taken on the raw products and the scale
             # rides in the exp2's argument as one FMA per score (for scale < 0 the max is the scaled min)
             if NEG_SCALE:
-                m_new = tl.maximum(m_i, tl.min(qk, 1) * qk_scale)
+                m_tile = tl.min(qk, 1) * qk_scale
             else:
-                m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            p = tl.exp2(qk * qk_scale - m_new[:, None])
-            alpha = tl.exp2(m_i - m_new)
+                m_tile = tl.max(qk, 1) * qk_scale
+            # rescale only when some row's max grows by more than RESCALE_THRESHOLD (FlashAttention-4):
+            # otherwise the stale max stays the reference, P runs up to 2**8 and O = acc / l is unchanged.
+            # The test is block-uniform, so most tiles skip the accumulator's multiplies; NaN rescales too.
+            if not (tl.max(m_tile - m_i, 0) <= RESCALE_THRESHOLD):
+                m_new = tl.maximum(m_i, m_tile)
+                alpha = tl.exp2(m_i - m_new)
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha
+                m_i = m_new
+            p = tl.exp2(qk * qk_scale - m_i[:, None])
+            l_i += tl.sum(p, 1)
         else:
             s, _ = _score_mods(qk, rows[:, None], cols[None, :], qk_scale, softcap_log2, alibi_slope,
                                bias_base, stride_biasm, stride_biasn, seqlen_q, seqlen_k, offset, left, right,
@@ -94,13 +107,14 @@ def _attn_fwd_inner(
                 m_shift = m_new
             p = tl.exp2(s - m_shift[:, None])
             alpha = tl.exp2(m_i - m_shift)
-        l_i = l_i * alpha + tl.sum(p, 1)  # the normaliser counts dropped entries too
-        if DROPOUT:
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            m_i = m_new
+        if DROPOUT:  # the normaliser above counts dropped entries too
             p = tl.where(_dropout_keep(seed, bh, rows[:, None], cols[None, :], dropout_p), p, 0.0)
         v = _kv_tile(v_base, start_n, offs_n, offs_d, stride_vn, seqlen_k, table_row, stride_table, stride_vpage,
                      page_size, kv_b, kv_h, HEAD_DIM, not MASKED, EVEN_D, PAGED, STREAM_DESC, BLOCK_N, BLOCK_D)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-        m_i = m_new
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
     return acc, l_i, m_i
 
 

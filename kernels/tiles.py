@@ -10,6 +10,9 @@ import triton.language as tl
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) == exp2(x * LOG2E)
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2): turns a base-2 log-sum-exp back into natural log
+# The forward rescales its running sums only when a row max grows by more than this (log2 units): until
+# then P = exp2(s - stale max) <= 2**8, far from fp16's 65504 and exact to rounding in the fp32 sums.
+RESCALE_THRESHOLD = tl.constexpr(8.0)
 
 
 @triton.jit

@@ -58,10 +58,40 @@ def test_natural_loops_and_hot_loop_choice():
     assert len(rows) == 2 and hot == 0
     assert rows[0]["instructions"] == 9 and rows[0]["mma"] == {"HGMMA.64x64x16.F32": 2}
     assert rows[0]["tensor_core_waits"] == {"HGMMA gsb0 (commit)": 1, "WARPGROUP.ARRIVE": 1, "WARPGROUP.DEPBAR": 1}
-    assert rows[1]["compare_select"] == 5 and rows[1]["instructions"] == 13  # its blocks, each once: 10 + 3 out of line
+    # its blocks, each once, are 10 + 3 out of line; the steady path skips the wait that retries
+    assert rows[1]["compare_select"] == 5 and rows[1]["static_instructions"] == 13
+    assert rows[1]["instructions"] == 10
+    assert sorted(b["instructions"] for b in rows[1]["off_path"]) == [1, 2]
+    assert rows[0]["instructions"] == rows[0]["static_instructions"] == 9 and rows[0]["off_path"] == []
     # with a tolerance that swallows the masked loop's extra selects, the earlier loop still wins
     assert cs.loop_table(instrs, labels, mask_tolerance=100)[1] == 0
     assert cs.mma_flops(rows[0]["_loop"].instrs, num_warps=8) == 2 * 8 * (2 * 64 * 64 * 16 / 4)
+
+
+def test_steady_path_never_skips_work():
+    """A side block holding an MMA or a load is real work: the loop is then counted whole."""
+    for work in ("HGMMA.64x64x16.F32 R24, gdesc[UR8], R24, gsb0", "LDG.E.128 R4, desc[UR4][R2.64]"):
+        sass = f"""
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   HGMMA.64x64x16.F32 R24, gdesc[UR8], RZ, !UPT ;
+        /*0020*/              @!P1 BRA `(.L_x_1) ;
+        /*0030*/                   {work} ;
+        /*0040*/                   FMUL R8, R8, R9 ;
+.L_x_1:
+        /*0050*/                   IADD3 R3, R3, 0x40, RZ ;
+        /*0060*/                   ISETP.GE.AND P0, PT, R3, R9, PT ;
+        /*0070*/              @!P0 BRA `(.L_x_0) ;
+        /*0080*/                   EXIT ;
+"""
+        instrs, labels = cs.parse_sass(sass)
+        rows, hot = cs.loop_table(instrs, labels)
+        assert rows[hot]["instructions"] == rows[hot]["static_instructions"] == 7 and rows[hot]["off_path"] == []
+    # a side block of plain arithmetic (the forward's rare rescale) is off the steady path
+    instrs, labels = cs.parse_sass(sass.replace(work, "FMUL R10, R10, R9"))
+    rows, hot = cs.loop_table(instrs, labels)
+    assert rows[hot]["instructions"] == 5 and rows[hot]["static_instructions"] == 7
+    assert rows[hot]["off_path"] == [{"source": "?", "instructions": 2}]
 
 
 def test_mma_shapes():
@@ -89,10 +119,11 @@ def test_report_end_to_end(tmp_path):
     for k in report["kernels"]:
         assert k["pass"] in ("fwd", "bwd_dq") and k["dtype"] == "fp16" and k["head_dim"] == 64
         assert k["causal"] is False
-        assert set(k["config"]) == {"block_m", "block_n", "num_warps", "num_stages"}
+        assert set(k["config"]) == {"block_m", "block_n", "num_warps", "num_stages", "masked_block_m"}
         assert k["registers"] > 0 and k["spill_bytes"] >= 0 and k["shared_bytes"] > 0
         hot = k["hot_loop"]
         assert hot is not None and hot["instructions_per_iteration"] > 0 and hot["warp_instr_per_1k_scores"] > 0
+        assert hot["static_instructions_per_iteration"] >= hot["instructions_per_iteration"]
         assert any(op.startswith("HGMMA") for op in hot["mma"]), hot["mma"]
         assert hot["scores_per_iteration"] == k["config"]["block_m"] * k["config"]["block_n"] * hot["unroll"]
         assert hot["mma_flops_per_iteration"] == hot["expected_mma_flops_per_iteration"] * hot["unroll"]

@@ -26,12 +26,12 @@ def descriptors(monkeypatch):
     passes = {"attn_fwd": "fwd", "attn_bwd_dkdv": "dkdv", "attn_bwd_dq": "dq"}
     before = {name: (ops.launch_counts[name], ops.launch_counts[f"{name}:descriptors"]) for name in passes}
 
-    def check(used: bool, head_dim: int = 64, plain_band: bool = True) -> None:
+    def check(used: bool, head_dim: int = 64, heavy_scores: bool = False) -> None:
         """`used`: the inputs allow descriptors; each pass then takes them where `_config` says it gains."""
         block_d = max(16, 1 << (head_dim - 1).bit_length())
         for name, (launches, with_descriptors) in before.items():
             assert ops.launch_counts[name] > launches, f"{name} did not run"
-            expected = used and _config.stream_descriptors(passes[name], block_d, plain_band)
+            expected = used and _config.stream_descriptors(passes[name], block_d, heavy_scores)
             assert (ops.launch_counts[f"{name}:descriptors"] > with_descriptors) == expected, name
 
     return check
@@ -46,7 +46,7 @@ def descriptors(monkeypatch):
 def test_descriptor_numerics(seqlen_q, seqlen_k, head_dim, causal, dtype, layout, device, descriptors):
     q, k, v, do = make_qkv(2, 2, seqlen_q, seqlen_k, head_dim, dtype, device, layout, seed=seqlen_k)
     check_attention(q, k, v, do, causal=causal)
-    descriptors(used=True, head_dim=head_dim, plain_band=not causal)
+    descriptors(used=True, head_dim=head_dim)
 
 
 def test_descriptor_gqa_negative_scale(device, descriptors):

@@ -132,3 +132,35 @@ def test_torch_backend(seqlens, dtype, causal, monkeypatch):
     q, k, v, do = make_qkv(2, 2, *seqlens, 40, dtype, torch.device("cpu"), "bshd", seed=17)
     check_attention(q, k, v, do, causal=causal)
     assert sum(ops.launch_counts.values()) == before
+
+
+def _max_growth_per_key_block(q, k, scale, block_n):
+    """Per key block after the first: the largest growth of any row's running max, in log2 units."""
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale * 1.4426950408889634
+    running = scores[..., :block_n].amax(-1)
+    growth = []
+    for start in range(block_n, scores.shape[-1], block_n):
+        tile = scores[..., start:start + block_n].amax(-1)
+        growth.append((tile - running).amax().item())
+        running = torch.maximum(running, tile)
+    return growth
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("use_descriptors", [False, True])
+def test_running_max_jumps(dtype, use_descriptors, device, triton_ran, monkeypatch):
+    """The forward rescales its accumulator only when a row max grows by more than 2**8 (FlashAttention-4's
+    trick); otherwise it keeps the stale max and P runs above 1. Keys in 128-long segments of growing size
+    make both happen for any BLOCK_N up to 128: exact either way."""
+    from flashattn_py import _config
+
+    monkeypatch.setattr(_config, "INTERPRETER_STREAM_DESCRIPTORS", use_descriptors)
+    q, k, v, do = make_qkv(1, 2, 32, 512, 64, dtype, device, seed=21)
+    ramp = torch.tensor([1.0, 1.6, 12.0, 13.0]).repeat_interleave(128).to(device)
+    k = (k.detach() * ramp[:, None].to(dtype)).requires_grad_()
+    block_n = _config.INTERPRETER["fwd"].block_n if ops.uses_triton(q) and not q.is_cuda else 128
+    growth = _max_growth_per_key_block(q.detach(), k.detach(), 64 ** -0.5, block_n)
+    assert max(growth) > 8, "no block makes the forward rescale"
+    assert any(0 < g <= 8 for g in growth), "no block runs on a stale max"
+    check_attention(q, k, v, do, causal=False)
+    triton_ran("attn_fwd")
