@@ -63,9 +63,9 @@ def fwd_configs(block_d: int, elem_bytes: int, capability: tuple[int, int]) -> l
     """Forward candidates, best first. BLOCK_M query rows stay in registers; K/V tiles stream.
 
     Hopper (sm_90, codegen report, fp16 = bf16, K/V through descriptors, warp-instructions per
-    1K scores in the unmasked loop, triton 3.9): D=64 128x128 8/3 233 (128x64 4/3: 256);
-    D=128 128x128 8/3 257, 194 registers, 0 spills, 225 KB shared (128x64 8/3: 364 with
-    pointers); D=256 128x64 8/2 459 (64x64 8/2: 551). benchmarks/TUNING.md has the log.
+    1K scores in the unmasked loop's steady path, triton 3.9): D=64 128x128 8/3 218 (128x64 4/3:
+    256); D=128 128x128 8/3 225, 194 registers, 0 spills, 225 KB shared (128x64 8/3: 364 with
+    pointers); D=256 128x64 8/2 337 (64x64 8/2: 551). benchmarks/TUNING.md has the log.
     """
     hopper = capability >= (9, 0)
     if elem_bytes == 4:  # fp32 tiles are twice the size: halve them
