@@ -13,6 +13,7 @@ The instruction count of a loop is the static count over its blocks, each once.
 
 from __future__ import annotations
 
+import heapq
 import os
 import re
 import shutil
@@ -267,8 +268,6 @@ def steady_path(header: int, body: set[int], blocks: list[list[int]], succ: list
     once around at most. `loop_table` keeps the static count of the whole body next to it and
     falls back to it when the path would skip tensor-core or memory work.
     """
-    import heapq
-
     dist = {header: len(blocks[header])}
     back: dict[int, int] = {}
     heap = [(dist[header], header)]

@@ -145,6 +145,11 @@ def _for_gpu(q: torch.Tensor) -> bool:
     return q.is_cuda or _capture_capability is not None
 
 
+def _heavy_scores(spec: AttnSpec, bias: torch.Tensor | None) -> bool:
+    """A bias/mask tile loaded per score tile, or dropout's Philox state: the large tiles no longer fit (`_config`)."""
+    return bias is not None or spec.dropout_p > 0
+
+
 def _configs(kind: str, q: torch.Tensor, block_d: int, descriptors: bool = False,
              heavy_scores: bool = False) -> list[_config.KernelConfig]:
     if not _for_gpu(q):
@@ -328,7 +333,7 @@ def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
         o_strides = dict(stride_os=0, **_rows("o", o))
         lse_strides = dict(stride_lses=0, stride_lseb=lse.stride(0), stride_lseh=lse.stride(1))
 
-    configs = _configs("fwd", q, block_d, heavy_scores=bias is not None or spec.dropout_p > 0)
+    configs = _configs("fwd", q, block_d, heavy_scores=_heavy_scores(spec, bias))
     decoding = seq.mode == SeqMode.KV_CACHE and Sq <= _config.DECODE_MAX_QUERIES and _for_gpu(q)
     if decoding:  # do not spend a 128-row tile on a handful of queries
         configs = _config.decode_configs(block_d, q.element_size(), _capability(q))
@@ -410,8 +415,7 @@ def triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                      seqlen_q=Sq, HEAD_DIM=D, BLOCK_D=block_d, HAS_DLSE=dlse is not None, EVEN_D=block_d == D),
                 lambda c: (triton.cdiv(Sq, c.block_m), pre_batch * H),
                 lambda c: dict(BLOCK_M=c.block_m, EVEN_M=Sq % c.block_m == 0), [pre], cache_key)
-        heavy = bias is not None or spec.dropout_p > 0
-        qdo_desc = _stream_descriptors("dkdv", q, seq, q, do, heavy_scores=heavy)
+        qdo_desc = _stream_descriptors("dkdv", q, seq, q, do, heavy_scores=_heavy_scores(spec, bias))
         _launch("attn_bwd_dkdv", kernels._attn_bwd_dkdv,
                 dict(common, DK=dk, DV=dv, **_rows("dk", dk, packed, "n"), **_rows("dv", dv, packed, "n"), **layout,
                      STREAM_DESC=qdo_desc),

@@ -105,24 +105,20 @@ def _attn_bwd_ds(qk, do, v, lse2, delta, row_idx, col_idx, qk_scale, softcap_log
     else:
         p = tl.exp2(s - lse2[:, None])
         delta_b = tl.broadcast_to(delta[:, None], s.shape)
+    # without dropout the dP MMA's accumulator starts at -Δ: dP - Δ comes straight from the tensor cores
+    # (and the Δ tile is not live across the MMA); dropout scales dP first
+    dp_init = None if DROPOUT else -delta_b
+    if TRANSPOSED:
+        dp = tl.dot(v, tl.trans(do), dp_init, input_precision=DOT_PRECISION)
+    else:
+        dp = tl.dot(do, tl.trans(v), dp_init, input_precision=DOT_PRECISION)
     p_out = p
     if DROPOUT:  # row_idx is always the query index, col_idx the key's, whatever the orientation
-        if TRANSPOSED:
-            dp = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        else:
-            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         keep = _dropout_keep(seed, bh, row_idx, col_idx, dropout_p)
         inv_keep = 1.0 / (1.0 - dropout_p)
         p_out = tl.where(keep, p * inv_keep, 0.0)
-        dp = tl.where(keep, dp * inv_keep, 0.0)
-        ds = p * (dp - delta_b)
-    else:
-        # dP - Δ straight from the tensor cores: the accumulator starts at -Δ
-        if TRANSPOSED:
-            dp_delta = tl.dot(v, tl.trans(do), -delta_b, input_precision=DOT_PRECISION)
-        else:
-            dp_delta = tl.dot(do, tl.trans(v), -delta_b, input_precision=DOT_PRECISION)
-        ds = p * dp_delta
+        dp = tl.where(keep, dp * inv_keep, 0.0) - delta_b
+    ds = p * dp
     ds_qk = ds
     if SOFTCAP:
         ds_qk = ds * (1.0 - t * t)
@@ -233,14 +229,10 @@ def _attn_bwd_dkdv(
         # (the far edge is empty, so not even compiled, when every query block is full and no window bounds it)
         for stage in tl.static_range(0 if HAS_RIGHT else 1, 3 if HAS_LEFT or not EVEN_M else 2):
             stage_lo, stage_hi = _stage_bounds(lo, full_lo, full_hi, hi, stage)
-            if stage == 1:
-                if STREAM_DESC:  # dense (B, H, Sq, D) descriptors, addressed by coordinates
-                    q_base = Q_DESC
-                    do_base = DO_DESC
-                else:
-                    q_base = q_ptrs
-                    do_base = do_ptrs
-            else:
+            if STREAM_DESC and stage == 1:  # dense (B, H, Sq, D) descriptors, addressed by coordinates
+                q_base = Q_DESC
+                do_base = DO_DESC
+            else:  # the masked stages step over MASKED_BLOCK_M rows, a box the descriptors do not have
                 q_base = q_ptrs
                 do_base = do_ptrs
             dk, dv = _attn_bwd_dkdv_inner(
