@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ._targets import GpuTarget
+
 
 @dataclass(frozen=True)
 class KernelConfig:
@@ -43,8 +45,10 @@ INTERPRETER = {
 # through tensor descriptors (TMA on a GPU, taken there from sm_90 on). Off by default on CPU, where the
 # pointer path is the general one; tests switch it on to cover both.
 INTERPRETER_STREAM_DESCRIPTORS = False
-# The backward's row-wise preprocess (delta = rowsum(O * dO)); block_n is unused.
-PREPROCESS = KernelConfig(block_m=128, block_n=128, num_warps=4, num_stages=1)
+# The backward's row-wise preprocess (delta = rowsum(O * dO)); block_n is unused. It holds no tile in
+# shared memory (512 B on every target); the second is there so no launch site has a single candidate.
+PREPROCESS = (KernelConfig(block_m=128, block_n=128, num_warps=4, num_stages=1),
+              KernelConfig(block_m=32, block_n=32, num_warps=4, num_stages=1))
 
 # KV-cache calls with at most this many query rows use `decode_configs` (16-row tiles).
 DECODE_MAX_QUERIES = 16
@@ -54,12 +58,17 @@ SPLIT_MIN_KEYS = 256
 MAX_SPLITS = 64
 
 
+def _large(gpu: GpuTarget) -> bool:
+    """Hopper-class shared memory (227 KB: sm_90, sm_100): the tables' 128-wide tiles fit."""
+    return gpu.max_shared >= 200 * 1024
+
+
 def auto_splits(multiprocessors: int, batch_heads: int, cache_len: int) -> int:
     """Split-K factor for decoding: fill the GPU, but never splits shorter than SPLIT_MIN_KEYS."""
     return max(1, min(multiprocessors // max(batch_heads, 1), cache_len // SPLIT_MIN_KEYS, MAX_SPLITS))
 
 
-def fwd_configs(block_d: int, elem_bytes: int, capability: tuple[int, int]) -> list[KernelConfig]:
+def fwd_configs(block_d: int, elem_bytes: int, gpu: GpuTarget) -> list[KernelConfig]:
     """Forward candidates, best first. BLOCK_M query rows stay in registers; K/V tiles stream.
 
     Hopper (sm_90, codegen report, fp16 = bf16, K/V through descriptors, warp-instructions per
@@ -67,7 +76,7 @@ def fwd_configs(block_d: int, elem_bytes: int, capability: tuple[int, int]) -> l
     256); D=128 128x128 8/3 225, 194 registers, 0 spills, 225 KB shared (128x64 8/3: 364 with
     pointers); D=256 128x64 8/2 337 (64x64 8/2: 551). benchmarks/TUNING.md has the log.
     """
-    hopper = capability >= (9, 0)
+    hopper = _large(gpu)
     if elem_bytes == 4:  # fp32 tiles are twice the size: halve them
         return [KernelConfig(64, 32, 4, 2), KernelConfig(32, 32, 4, 1), KernelConfig(16, 16, 4, 1)]
     if block_d <= 64:
@@ -83,7 +92,7 @@ def fwd_configs(block_d: int, elem_bytes: int, capability: tuple[int, int]) -> l
             KernelConfig(16, 16, 4, 1)]
 
 
-def dkdv_configs(block_d: int, elem_bytes: int, capability: tuple[int, int],
+def dkdv_configs(block_d: int, elem_bytes: int, gpu: GpuTarget,
                  descriptors: bool = False) -> list[KernelConfig]:
     """dK/dV candidates: K/V tiles of BLOCK_N rows resident, query tiles of BLOCK_M rows stream.
 
@@ -93,7 +102,7 @@ def dkdv_configs(block_d: int, elem_bytes: int, capability: tuple[int, int],
     (without bias or dropout: see `stream_descriptors`; 64-row masked steps spill 72 B causal on
     3.9); with pointers 64x64 8/3 493 (32x128 8/2: 598; 64x128 spills).
     """
-    hopper = capability >= (9, 0)
+    hopper = _large(gpu)
     if elem_bytes == 4:
         return [KernelConfig(32, 64, 4, 2), KernelConfig(16, 32, 4, 1), KernelConfig(16, 16, 4, 1)]
     if block_d <= 64:
@@ -109,13 +118,13 @@ def dkdv_configs(block_d: int, elem_bytes: int, capability: tuple[int, int],
             KernelConfig(16, 16, 4, 1)]
 
 
-def dq_configs(block_d: int, elem_bytes: int, capability: tuple[int, int]) -> list[KernelConfig]:
+def dq_configs(block_d: int, elem_bytes: int, gpu: GpuTarget) -> list[KernelConfig]:
     """dQ candidates: Q/dO tiles of BLOCK_M rows resident, K/V tiles of BLOCK_N rows stream.
 
     Hopper (codegen report): BLOCK_N=64 pays the per-iteration fixed work over twice the keys:
     D=64 128x64 4/3 215 (128x32 4/3: 281); D=128 128x64 8/3 305 with K/V descriptors (128x32 8/2: 479).
     """
-    hopper = capability >= (9, 0)
+    hopper = _large(gpu)
     if elem_bytes == 4:
         return [KernelConfig(64, 32, 4, 2), KernelConfig(32, 16, 4, 1), KernelConfig(16, 16, 4, 1)]
     if block_d <= 64:
@@ -129,15 +138,15 @@ def dq_configs(block_d: int, elem_bytes: int, capability: tuple[int, int]) -> li
             KernelConfig(16, 16, 4, 1)]
 
 
-def decode_configs(block_d: int, elem_bytes: int, capability: tuple[int, int]) -> list[KernelConfig]:
+def decode_configs(block_d: int, elem_bytes: int, gpu: GpuTarget) -> list[KernelConfig]:
     """KV-cache decoding: a handful of query rows, so the smallest M tl.dot takes and long key blocks."""
-    del capability
+    del gpu
     if elem_bytes == 4 or block_d > 128:
         return [KernelConfig(16, 64, 4, 2), KernelConfig(16, 32, 4, 1), KernelConfig(16, 16, 4, 1)]
     return [KernelConfig(16, 128, 4, 3), KernelConfig(16, 64, 4, 2), KernelConfig(16, 32, 4, 1)]
 
 
-def candidates(kind: str, block_d: int, elem_bytes: int, capability: tuple[int, int],
+def candidates(kind: str, block_d: int, elem_bytes: int, gpu: GpuTarget,
                descriptors: bool = False, heavy_scores: bool = False) -> list[KernelConfig]:
     """The GPU candidates of one pass: "fwd", "dkdv" or "dq" (the dBias pass uses dq's).
 
@@ -146,11 +155,11 @@ def candidates(kind: str, block_d: int, elem_bytes: int, capability: tuple[int, 
     shared memory at D=128): it starts one size down. (dK/dV: see `stream_descriptors`.)
     """
     if kind == "dkdv":
-        return dkdv_configs(block_d, elem_bytes, capability, descriptors)
+        return dkdv_configs(block_d, elem_bytes, gpu, descriptors)
     if kind == "fwd":
-        configs = fwd_configs(block_d, elem_bytes, capability)
+        configs = fwd_configs(block_d, elem_bytes, gpu)
         return [c for c in configs if c.block_m * c.block_n < 128 * 128] or configs if heavy_scores else configs
-    return dq_configs(block_d, elem_bytes, capability)
+    return dq_configs(block_d, elem_bytes, gpu)
 
 
 def stream_descriptors(kind: str, block_d: int, heavy_scores: bool = False) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import math
 import sys
 import warnings
@@ -26,8 +27,9 @@ from typing import Any
 
 import torch
 
-from . import _config
+from . import _config, _targets
 from ._contract import DENSE, AttnSpec, BiasKind, SeqLayout, SeqMode
+from ._targets import GpuTarget
 
 try:  # Triton is a Linux-only dependency; elsewhere only the torch backend exists
     import triton
@@ -46,6 +48,7 @@ launch_counts: Counter[str] = Counter()
 
 _LOG2E = math.log2(math.e)
 _kernels: ModuleType | None = None
+# the config each launch site chose, keyed by everything that changes the compiled kernel (`_config_key`)
 _chosen_config: dict[tuple, _config.KernelConfig] = {}
 
 
@@ -90,9 +93,11 @@ def interpreter_active() -> bool:
 
 
 def uses_triton(t: torch.Tensor) -> bool:
-    """Whether attention on tensors like `t` runs the Triton kernels."""
+    """Whether attention on tensors like `t` runs the Triton kernels (always inside `virtual_gpu`)."""
     if triton is None or t.dtype == torch.float64:  # float64 is the torch backend's alone
         return False
+    if _virtual is not None:
+        return True
     if t.is_cuda:
         return not interpreter_active()
     if t.device.type == "cpu":
@@ -100,50 +105,125 @@ def uses_triton(t: torch.Tensor) -> bool:
     return False
 
 
-# --- what would launch: the codegen report and the compile check capture launches instead of running them --------
+# --- the virtual GPU: the launches a GPU of some kind would make, without one --------------------------------------
 
 @dataclass
 class LaunchRecord:
-    """One kernel launch as `kernel[grid](**args, num_warps=config.num_warps, num_stages=config.num_stages)`."""
+    """One kernel launch as `kernel[grid](**args, num_warps=config.num_warps, num_stages=config.num_stages)`.
+
+    `args` holds the config's constexprs too. `compiled` is Triton's CompiledKernel for the
+    target when the virtual GPU compiles (its ``metadata.shared`` and ``asm``), else None;
+    `refused` the candidates tried first that did not fit (empty when the first choice runs).
+    """
 
     name: str
     kernel: Any
     args: dict[str, Any]
     config: _config.KernelConfig
     grid: tuple[int, ...]
+    target: GpuTarget | None = None
+    compiled: Any = None
+    refused: tuple[_config.KernelConfig, ...] = ()
+
+    @property
+    def shared_bytes(self) -> int | None:
+        return None if self.compiled is None else int(self.compiled.metadata.shared)
 
 
-_capture: list[LaunchRecord] | None = None
-_capture_capability: tuple[int, int] | None = None
+@dataclass
+class _VirtualGpu:
+    target: GpuTarget
+    compile: bool
+    records: list[LaunchRecord]
+    chosen: dict[tuple, _config.KernelConfig]  # this GPU's own config cache, as a process on it would have
+
+
+_virtual: _VirtualGpu | None = None
+
+
+@contextlib.contextmanager
+def virtual_gpu(target: str | GpuTarget = "sm_90", *, compile: bool = False) -> Iterator[list[LaunchRecord]]:
+    """Record the launches `triton_fwd` / `triton_bwd` would make on a GPU of kind `target`; launch nothing.
+
+    Inside, CPU tensors and CUDA tensors (FakeTensorMode's, on a machine without
+    CUDA) are treated as living on that GPU: the public functions run the CUDA
+    path down to the launch, with the target's configs, descriptors, grid and
+    multiprocessor count. Outputs are allocated but never written.
+
+    `compile=True` makes config choice exact: each candidate is compiled for the
+    target (Triton's JIT under a stand-in driver, as a launch would compile it)
+    and the first whose shared memory fits is chosen, as on the real GPU; each
+    record then carries the compiled kernel. It needs real (CPU) tensors: the
+    JIT reads their addresses for its alignment attributes. Without it, the
+    first candidate of the target's table is chosen (the fit test proves that
+    is what the GPU would pick). Chosen configs are cached per context, keyed as
+    on a GPU, so a sequence of calls sees what a process on that GPU would.
+    """
+    global _virtual
+    records: list[LaunchRecord] = []
+    saved = _virtual
+    _virtual = _VirtualGpu(_targets.target(target), compile, records, {})
+    try:
+        yield records
+    finally:
+        _virtual = saved
 
 
 @contextlib.contextmanager
 def capture_launches(capability: tuple[int, int] = (9, 0)) -> Iterator[list[LaunchRecord]]:
-    """Record the launches `triton_fwd` / `triton_bwd` would make on a GPU of `capability`; launch nothing.
-
-    Configs are chosen as for a CUDA tensor on that GPU (the first candidate,
-    before any out-of-resources fallback), whatever device the tensors are on.
-    """
-    global _capture, _capture_capability
-    records: list[LaunchRecord] = []
-    saved = (_capture, _capture_capability)
-    _capture, _capture_capability = records, capability
-    try:
+    """`virtual_gpu` for the NVIDIA target of `capability` (the codegen report's entry point)."""
+    name = f"sm_{capability[0]}{capability[1]}"
+    with virtual_gpu(name) as records:
         yield records
+
+
+def virtual_gpu_active() -> bool:
+    return _virtual is not None
+
+
+def gpu_target(t: torch.Tensor) -> GpuTarget | None:
+    """The GPU `t`'s kernels would run on: the virtual one, `t`'s CUDA device, or None (the interpreter)."""
+    if _virtual is not None:
+        return _virtual.target
+    return _targets.device_target(t.device) if t.is_cuda else None
+
+
+def multiprocessors(t: torch.Tensor) -> int:
+    """SMs (CUs) of the GPU `t`'s kernels run on; 1 off the GPU."""
+    gpu = gpu_target(t)
+    return gpu.multiprocessors if gpu is not None else 1
+
+
+# --- poisoned memory: what the kernels should write, and do not, shows up ----------------------------------------
+
+_poison = False
+
+
+@contextlib.contextmanager
+def poison_allocations() -> Iterator[None]:
+    """For tests: every output and temporary the launch layer allocates uninitialised starts as NaN.
+
+    A row the kernels fail to write then reads NaN on any backend, the interpreter included.
+    """
+    global _poison
+    saved, _poison = _poison, True
+    try:
+        yield
     finally:
-        _capture, _capture_capability = saved
+        _poison = saved
 
 
-def _capability(t: torch.Tensor) -> tuple[int, int]:
-    if _capture_capability is not None:
-        return _capture_capability
-    return torch.cuda.get_device_capability(t.device) if t.is_cuda else (0, 0)
+def _empty(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    t = torch.empty(shape, device=like.device, dtype=dtype or like.dtype)
+    return t.fill_(float("nan")) if _poison else t
 
 
-def _for_gpu(q: torch.Tensor) -> bool:
-    """GPU configs (CUDA tensors, or a capture for a GPU); otherwise the interpreter's fixed ones."""
-    return q.is_cuda or _capture_capability is not None
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(t)
+    return out.fill_(float("nan")) if _poison else out
 
+
+# --- config choice and launch ----------------------------------------------------------------------------------------
 
 def _heavy_scores(spec: AttnSpec, bias: torch.Tensor | None) -> bool:
     """A bias/mask tile loaded per score tile, or dropout's Philox state: the large tiles no longer fit (`_config`)."""
@@ -152,36 +232,131 @@ def _heavy_scores(spec: AttnSpec, bias: torch.Tensor | None) -> bool:
 
 def _configs(kind: str, q: torch.Tensor, block_d: int, descriptors: bool = False,
              heavy_scores: bool = False) -> list[_config.KernelConfig]:
-    if not _for_gpu(q):
+    gpu = gpu_target(q)
+    if gpu is None:
         return [_config.INTERPRETER[kind]]
-    return _config.candidates(kind, block_d, q.element_size(), _capability(q), descriptors, heavy_scores)
+    return _config.candidates(kind, block_d, q.element_size(), gpu, descriptors, heavy_scores)
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "FakeTensor"
+
+
+def _aligned16(t: torch.Tensor) -> bool:
+    """Whether t's first element is 16-byte aligned (what TMA and the JIT's alignment attribute need).
+
+    A FakeTensor has no address; its storage stands for a fresh CUDA allocation
+    (the caching allocator aligns those to 512 bytes), so its offset decides.
+    """
+    if _is_fake(t):
+        return t.storage_offset() * t.element_size() % 16 == 0
+    return t.data_ptr() % 16 == 0
+
+
+_constexpr_names_of: dict[int, frozenset[str]] = {}
+
+
+def _constexpr_names(kernel) -> frozenset[str]:
+    """The kernel's tl.constexpr parameters (a JITFunction's `params`; the interpreter's from the signature)."""
+    names = _constexpr_names_of.get(id(kernel))
+    if names is None:
+        params = getattr(kernel, "params", None)
+        if params is not None:
+            names = frozenset(p.name for p in params if p.is_constexpr)
+        else:
+            signature = inspect.signature(getattr(kernel, "fn", kernel)).parameters.values()
+            names = frozenset(p.name for p in signature if "constexpr" in str(p.annotation))
+        _constexpr_names_of[id(kernel)] = names
+    return names
+
+
+def _key_part(value: Any) -> Any:
+    """What of one runtime argument the compiled kernel depends on (Triton's own specialization, and more)."""
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.dtype, _aligned16(value))
+    if TensorDescriptor is not None and isinstance(value, TensorDescriptor):
+        return ("desc", value.base.dtype, tuple(value.block_shape))
+    if isinstance(value, bool) or value is None or isinstance(value, (str, float)):
+        return value if not isinstance(value, float) else "float"
+    if isinstance(value, int):
+        return ("int", value == 1, value % 16 == 0, -2**31 <= value < 2**31)
+    return type(value).__name__
+
+
+def _config_key(name: str, kernel, gpu: GpuTarget | None, args: dict[str, Any]) -> tuple:
+    """A launch site's identity for the config cache: the GPU and every argument's specialization.
+
+    Constexprs (bias kind, dropout, score modifiers, descriptors, sequence mode, head dim...)
+    enter by value, tensors by dtype and alignment, other ints as Triton specializes them. So
+    two calls share a config only if they would compile the same kernel for every candidate.
+    """
+    constexprs = _constexpr_names(kernel)
+    return (name, gpu, *((k, v if k in constexprs else _key_part(v)) for k, v in args.items()))
+
+
+def _check_grid(name: str, grid: tuple[int, ...]) -> tuple[int, ...]:
+    if grid[0] > _targets.MAX_GRID_X or any(n > _targets.MAX_GRID_YZ for n in grid[1:]):
+        raise ValueError(f"flashattn_py: {name}'s grid {grid} passes CUDA's limits (axis 0 <= {_targets.MAX_GRID_X}, "
+                         f"axes 1 and 2 <= {_targets.MAX_GRID_YZ}); the problem is too large for one launch")
+    return grid
+
+
+def _compile(kernel, grid: tuple, args: dict[str, Any], cfg: _config.KernelConfig, gpu: GpuTarget, virtual: bool):
+    """The CompiledKernel `kernel[grid](**args)` builds for `gpu`, compiled, not launched."""
+    options = dict(grid=grid, warmup=True, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **args)
+    if virtual:
+        with _targets.stand_in_driver(gpu):
+            return kernel.run(**options)
+    return kernel.run(**options)
+
+
+def _fits(compiled, gpu: GpuTarget) -> bool:
+    return int(compiled.metadata.shared) <= gpu.max_shared
 
 
 def _launch(name: str, kernel, args: dict[str, Any], grid: Callable[[_config.KernelConfig], tuple],
-            constexprs: Callable[[_config.KernelConfig], dict], configs: list[_config.KernelConfig],
-            cache_key: tuple) -> None:
-    """Launch `kernel` by keyword with the first of `configs` that fits this GPU, and remember that config.
+            per_config: Callable[[_config.KernelConfig], dict], configs: list[_config.KernelConfig],
+            gpu: GpuTarget | None) -> None:
+    """Launch `kernel` by keyword with the first of `configs` that fits the GPU, known before the launch.
 
-    `constexprs(cfg)` gives the compile-time arguments that depend on the config
-    (block sizes and the EVEN_* flags).
+    `per_config(cfg)` gives the arguments that depend on the config (block sizes, the EVEN_*
+    flags, descriptors, split lengths). On a GPU a config is compiled (or found in Triton's
+    cache) and its shared memory compared with the GPU's before anything launches; the choice
+    is remembered per `_config_key`. Under `virtual_gpu` the same choice is made for the target.
     """
-    if _capture is not None:
-        cfg = configs[0]
-        _capture.append(LaunchRecord(name, kernel, {**args, **constexprs(cfg)}, cfg, tuple(grid(cfg))))
+    virtual = _virtual
+    cache = virtual.chosen if virtual is not None else _chosen_config
+    key = _config_key(name, kernel, gpu, args)
+    cfg = cache.get(key)
+    compiled = None
+    refused: list[_config.KernelConfig] = []
+    if cfg is None:
+        if gpu is None or (virtual is not None and not virtual.compile):
+            cfg = configs[0]  # the interpreter has no limits; an uncompiled virtual GPU takes the table's choice
+        else:
+            sizes = []
+            for candidate in configs:
+                compiled = _compile(kernel, _check_grid(name, tuple(grid(candidate))),
+                                    {**args, **per_config(candidate)}, candidate, gpu, virtual is not None)
+                if _fits(compiled, gpu):
+                    cfg = candidate
+                    break
+                refused.append(candidate)
+                sizes.append(f"{candidate}: {int(compiled.metadata.shared)} B")
+            if cfg is None:
+                raise RuntimeError(f"flashattn_py: no launch configuration of {name} fits this GPU's "
+                                   f"{gpu.max_shared} B of shared memory ({'; '.join(sizes)})")
+        cache[key] = cfg
+    launch_grid = _check_grid(name, tuple(grid(cfg)))
+    full_args = {**args, **per_config(cfg)}
+    if virtual is not None:
+        if virtual.compile and compiled is None:
+            compiled = _compile(kernel, launch_grid, full_args, cfg, virtual.target, True)
+        virtual.records.append(LaunchRecord(name, kernel, full_args, cfg, launch_grid, virtual.target, compiled,
+                                            tuple(refused)))
         return
-    key = (name, *cache_key)
-    candidates = [_chosen_config[key]] if key in _chosen_config else configs
-    last_error: Exception | None = None
-    for cfg in candidates:
-        try:
-            kernel[grid(cfg)](**args, **constexprs(cfg), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        except OutOfResources as err:  # too much shared memory / registers: try a smaller tile
-            last_error = err
-            continue
-        _chosen_config[key] = cfg
-        launch_counts[name] += 1
-        return
-    raise RuntimeError(f"flashattn_py: no launch configuration of {name} fits this GPU") from last_error
+    kernel[launch_grid](**full_args, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    launch_counts[name] += 1
 
 
 # --- kernel arguments from the contract -----------------------------------------------------------------------------
@@ -249,8 +424,8 @@ def _score_args(spec: AttnSpec, alibi: torch.Tensor | None) -> dict[str, Any]:
 
 
 def _device_of(t: torch.Tensor):
-    """Triton launches on the current CUDA device: make it the tensor's."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+    """Triton launches on the current CUDA device (and its current stream): make it the tensor's."""
+    return torch.cuda.device(t.device) if t.is_cuda and _virtual is None else contextlib.nullcontext()
 
 
 def _stream_descriptors(kind: str, q: torch.Tensor, seq: SeqLayout, *streamed: torch.Tensor,
@@ -258,22 +433,28 @@ def _stream_descriptors(kind: str, q: torch.Tensor, seq: SeqLayout, *streamed: t
     """Whether a pass reads the operands its loop streams through tensor descriptors (TMA), not per-thread pointers.
 
     The streamed operands are K and V in the forward and the dQ pass, Q and dO in the dK/dV pass.
-    Dense layout, 16-bit inputs, and what TMA needs: 16-byte aligned base and strides. On a GPU
-    only from sm_90 on; under the interpreter when `_config.INTERPRETER_STREAM_DESCRIPTORS` is set
-    (the tests run both paths). Paged caches, packed sequences, fp32 and older GPUs keep pointers.
+    Dense layout, 16-bit inputs, and what TMA needs: a 16-byte aligned base and non-zero
+    strides that are multiples of 16 bytes (an expanded, stride-0 K/V keeps pointers:
+    cuTensorMapEncodeTiled documents strides as multiples of 16 that describe distinct rows, and
+    we do not rely on the driver accepting 0). On a GPU only where the target has TMA (sm_90 and
+    later NVIDIA parts, never AMD); under the interpreter when
+    `_config.INTERPRETER_STREAM_DESCRIPTORS` is set (the tests run both paths). Paged caches,
+    packed sequences, fp32 and older GPUs keep pointers.
     """
     if TensorDescriptor is None or seq.mode != SeqMode.DENSE or q.dtype not in (torch.float16, torch.bfloat16):
         return False
     if not _config.stream_descriptors(kind, _block_d(q.shape[3]), heavy_scores):
         return False
-    if _for_gpu(q):
-        if _capability(q) < (9, 0):
+    gpu = gpu_target(q)
+    if gpu is not None:
+        if not gpu.tma:
             return False
     elif not _config.INTERPRETER_STREAM_DESCRIPTORS:
         return False
     elem = q.element_size()
-    return all(t.data_ptr() % 16 == 0 and t.shape[3] * elem >= 16 and t.stride(3) == 1
-               and all(stride * elem % 16 == 0 for stride, n in zip(t.stride()[:3], t.shape[:3], strict=True) if n > 1)
+    return all(_aligned16(t) and t.shape[3] * elem >= 16 and t.stride(3) == 1
+               and all(stride > 0 and stride * elem % 16 == 0
+                       for stride, n in zip(t.stride()[:3], t.shape[:3], strict=True) if n > 1)
                for t in streamed)
 
 
@@ -293,9 +474,14 @@ def _descriptor_args(use: bool, tensors: dict[str, torch.Tensor], block_rows: in
     return {name: _descriptor(t, block_rows, block_d) if use else None for name, t in tensors.items()}
 
 
-def _packed_like(t: torch.Tensor) -> torch.Tensor:
-    """An empty (1, H, total, D) view of a fresh packed (total, H, D) tensor, for outputs of packed inputs."""
-    return torch.empty_like(t.transpose(1, 2)[0]).unsqueeze(0).transpose(1, 2)
+def _packed_zeros(t: torch.Tensor) -> torch.Tensor:
+    """A zeroed (1, H, total, D) view of a fresh packed (total, H, D) tensor, for outputs of packed inputs.
+
+    Zeroed, not empty: rows past cu_seqlens[-1] (a buffer padded to a fixed token count)
+    belong to no sequence, the kernels never visit them, and they must read 0 (output and
+    gradients alike), not garbage.
+    """
+    return torch.zeros_like(t.transpose(1, 2).select(0, 0)).unsqueeze(0).transpose(1, 2)
 
 
 # --- launchers ------------------------------------------------------------------------------------------------------
@@ -306,8 +492,9 @@ def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
     """O and LSE (natural log, float32) from the forward kernel.
 
     Dense: O like q, LSE (B, H, Sq). Packed (q/k/v as (1, H, total, D) views):
-    O (1, H, total, D) view of a packed (total, H, D) tensor, LSE (H, total).
-    num_splits > 1 (KV cache): partial results merged here by their LSE.
+    O (1, H, total, D) view of a packed (total, H, D) tensor, LSE (H, total); rows
+    past cu_seqlens_q[-1] get O = 0 and LSE = -inf. num_splits > 1 (KV cache):
+    partial results merged here by their LSE.
     """
     kernels = _get_kernels()
     _, H, Sq, D = q.shape
@@ -317,31 +504,29 @@ def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
     max_q = seq.max_seqlen_q if packed else Sq
     seqlen_k = k.shape[2] if not paged else seq.block_table.shape[1] * k.shape[2]
     block_d = _block_d(D)
+    gpu = gpu_target(q)
     if packed:
-        o = _packed_like(q)
-        lse = torch.empty((H, Sq), device=q.device, dtype=torch.float32)
+        o = _packed_zeros(q)
+        lse = torch.full((H, Sq), float("-inf"), device=q.device, dtype=torch.float32)
         o_strides = dict(stride_os=0, stride_ob=0, stride_oh=o.stride(1), stride_om=o.stride(2))
         lse_strides = dict(stride_lses=0, stride_lseb=0, stride_lseh=Sq)
     elif num_splits > 1:
-        o = torch.empty((num_splits, B, H, Sq, D), device=q.device, dtype=torch.float32)
-        lse = torch.empty((num_splits, B, H, Sq), device=q.device, dtype=torch.float32)
+        o = _empty((num_splits, B, H, Sq, D), q, torch.float32)
+        lse = _empty((num_splits, B, H, Sq), q, torch.float32)
         o_strides = dict(zip(("stride_os", "stride_ob", "stride_oh", "stride_om"), o.stride()[:4], strict=True))
         lse_strides = dict(zip(("stride_lses", "stride_lseb", "stride_lseh"), lse.stride()[:3], strict=True))
     else:
-        o = torch.empty_like(q)
-        lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
+        o = _empty_like(q)
+        lse = _empty((B, H, Sq), q, torch.float32)
         o_strides = dict(stride_os=0, **_rows("o", o))
         lse_strides = dict(stride_lses=0, stride_lseb=lse.stride(0), stride_lseh=lse.stride(1))
 
-    configs = _configs("fwd", q, block_d, heavy_scores=_heavy_scores(spec, bias))
-    decoding = seq.mode == SeqMode.KV_CACHE and Sq <= _config.DECODE_MAX_QUERIES and _for_gpu(q)
+    decoding = seq.mode == SeqMode.KV_CACHE and Sq <= _config.DECODE_MAX_QUERIES and gpu is not None
     if decoding:  # do not spend a 128-row tile on a handful of queries
-        configs = _config.decode_configs(block_d, q.element_size(), _capability(q))
-    if num_splits > 1:  # split boundaries must fall on key blocks: keep one BLOCK_N
-        configs = [c for c in configs if c.block_n == configs[0].block_n]
-        split_len = triton.cdiv(triton.cdiv(seqlen_k, num_splits), configs[0].block_n) * configs[0].block_n
+        configs = _config.decode_configs(block_d, q.element_size(), gpu)
     else:
-        split_len = max(seqlen_k, 1)
+        configs = _configs("fwd", q, block_d, heavy_scores=_heavy_scores(spec, bias))
+    splits = max(num_splits, 1)
     args = dict(
         Q=q, K=k, V=v, O=o, LSE=lse, **_bias_args(bias, q, k), **_alibi_args(alibi),
         CU_Q=seq.cu_seqlens_q if packed else None, CU_K=seq.cu_seqlens_k if packed else None,
@@ -350,7 +535,7 @@ def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
         **lse_strides,
         **dict(zip(("stride_tableb", "stride_tablep"), seq.block_table.stride() if paged else (0, 0), strict=True)),
         num_heads=H, kv_group=H // k.shape[1], seqlen_q=Sq, seqlen_k=seqlen_k, page_size=k.shape[2] if paged else 1,
-        split_len=split_len, **_score_args(spec, alibi),
+        **_score_args(spec, alibi),
         HEAD_DIM=D, BLOCK_D=block_d, SEQ_MODE=int(seq.mode), PAGED=paged, EVEN_D=block_d == D,
         DOT_PRECISION=_dot_precision(q.dtype),
         # scores that are scale * q k^T and nothing else: the unmasked stage folds the scale into exp2
@@ -359,19 +544,22 @@ def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
     )
 
     def per_config(c: _config.KernelConfig) -> dict[str, Any]:
-        return dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, EVEN_M=_even(Sq, c.block_m, packed),
+        # split boundaries fall on this config's key blocks; one split covers every key
+        split_len = triton.cdiv(triton.cdiv(seqlen_k, splits), c.block_n) * c.block_n if splits > 1 else \
+            max(seqlen_k, 1)
+        return dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, EVEN_M=_even(Sq, c.block_m, packed), split_len=split_len,
+                    num_row_blocks=triton.cdiv(max_q, c.block_m),
                     **_descriptor_args(args["STREAM_DESC"], dict(K_DESC=k, V_DESC=v), c.block_n, block_d))
 
     with _device_of(q):
-        _launch("attn_fwd", kernels._attn_fwd, args,
-                lambda c: (triton.cdiv(max_q, c.block_m), B * H, max(num_splits, 1)), per_config,
-                configs, (block_d, q.dtype, _capability(q), num_splits > 1, decoding, args["STREAM_DESC"]))
-    if args["STREAM_DESC"] and _capture is None:
+        _launch("attn_fwd", kernels._attn_fwd, args, lambda c: (triton.cdiv(max_q, c.block_m) * B * H, splits),
+                per_config, configs, gpu)
+    if args["STREAM_DESC"] and _virtual is None:
         launch_counts["attn_fwd:descriptors"] += 1
     if num_splits > 1:  # flash-decoding: merge the splits by their log-sum-exp
         lse_all = torch.logsumexp(lse, dim=0)
         weights = torch.exp(lse - torch.where(torch.isneginf(lse_all), torch.inf, lse_all))
-        return (weights[..., None] * o).sum(0).to(q.dtype), lse_all
+        return (weights.unsqueeze(-1) * o).sum(0).to(q.dtype), lse_all
     return o, lse
 
 
@@ -379,7 +567,10 @@ def triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                lse: torch.Tensor, dlse: torch.Tensor | None, bias: torch.Tensor | None, alibi: torch.Tensor | None,
                need_dbias: bool, spec: AttnSpec, seq: SeqLayout = DENSE,
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """dQ, dK, dV (like q, k, v) and dBias (bias's shape, float32) from the backward kernels."""
+    """dQ, dK, dV (like q, k, v) and dBias (bias's shape, float32) from the backward kernels.
+
+    Packed: rows past cu_seqlens[-1] get zero gradients.
+    """
     kernels = _get_kernels()
     _, H, Sq, D = q.shape
     packed = seq.mode == SeqMode.PACKED
@@ -388,12 +579,12 @@ def triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     max_q = seq.max_seqlen_q if packed else Sq
     max_k = seq.max_seqlen_k if packed else Sk
     block_d = _block_d(D)
-    cache_key = (block_d, q.dtype, _capability(q))
-    dq, dk, dv = (_packed_like(t) if packed else torch.empty_like(t) for t in (q, k, v))
-    delta = torch.empty_like(lse)
+    gpu = gpu_target(q)
+    dq, dk, dv = (_packed_zeros(t) if packed else _empty_like(t) for t in (q, k, v))
+    delta = _empty_like(lse)
     if dlse is not None:
         dlse = dlse.contiguous()
-    pre = _config.PREPROCESS if _for_gpu(q) else _config.INTERPRETER["preprocess"]
+    pre = list(_config.PREPROCESS) if gpu is not None else [_config.INTERPRETER["preprocess"]]
     pre_batch = 1 if packed else B  # the preprocess is row-wise: packed rows are one long "sequence"
     lse_strides = dict(stride_lseb=0, stride_lseh=Sq) if packed else dict(stride_lseb=lse.stride(0),
                                                                            stride_lseh=lse.stride(1))
@@ -413,44 +604,51 @@ def triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         _launch("attn_bwd_preprocess", kernels._attn_bwd_preprocess,
                 dict(O=o, DO=do, DLSE=dlse, DELTA=delta, **_rows("o", o), **_rows("do", do), num_heads=H,
                      seqlen_q=Sq, HEAD_DIM=D, BLOCK_D=block_d, HAS_DLSE=dlse is not None, EVEN_D=block_d == D),
-                lambda c: (triton.cdiv(Sq, c.block_m), pre_batch * H),
-                lambda c: dict(BLOCK_M=c.block_m, EVEN_M=Sq % c.block_m == 0), [pre], cache_key)
+                lambda c: (triton.cdiv(Sq, c.block_m) * pre_batch * H,),
+                lambda c: dict(BLOCK_M=c.block_m, EVEN_M=Sq % c.block_m == 0,
+                               num_row_blocks=triton.cdiv(Sq, c.block_m)), pre, gpu)
         qdo_desc = _stream_descriptors("dkdv", q, seq, q, do, heavy_scores=_heavy_scores(spec, bias))
         _launch("attn_bwd_dkdv", kernels._attn_bwd_dkdv,
                 dict(common, DK=dk, DV=dv, **_rows("dk", dk, packed, "n"), **_rows("dv", dv, packed, "n"), **layout,
                      STREAM_DESC=qdo_desc),
-                lambda c: (triton.cdiv(max_k, c.block_n), B * H_kv),
+                lambda c: (triton.cdiv(max_k, c.block_n) * B * H_kv,),
                 lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, MASKED_BLOCK_M=c.masked_rows,
                                EVEN_M=_even(Sq, c.block_m, packed), EVEN_N=_even(Sk, c.block_n, packed),
+                               num_row_blocks=triton.cdiv(max_k, c.block_n),
                                **_descriptor_args(qdo_desc, dict(Q_DESC=q, DO_DESC=do), c.block_m, block_d)),
-                _configs("dkdv", q, block_d, qdo_desc), (*cache_key, qdo_desc))
+                _configs("dkdv", q, block_d, qdo_desc), gpu)
         kv_desc = _stream_descriptors("dq", q, seq, k, v)
         _launch("attn_bwd_dq", kernels._attn_bwd_dq,
                 dict(common, DQ=dq, **_rows("dq", dq, packed), **layout, STREAM_DESC=kv_desc),
-                lambda c: (triton.cdiv(max_q, c.block_m), B * H),
+                lambda c: (triton.cdiv(max_q, c.block_m) * B * H,),
                 lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, EVEN_M=_even(Sq, c.block_m, packed),
+                               num_row_blocks=triton.cdiv(max_q, c.block_m),
                                **_descriptor_args(kv_desc, dict(K_DESC=k, V_DESC=v), c.block_n, block_d)),
-                _configs("dq", q, block_d), (*cache_key, kv_desc))
-        if _capture is None:
+                _configs("dq", q, block_d), gpu)
+        if _virtual is None:
             launch_counts["attn_bwd_dkdv:descriptors"] += qdo_desc
             launch_counts["attn_bwd_dq:descriptors"] += kv_desc
         dbias = None
         if need_dbias:
             # a bias dim of size 1 (against a larger problem dim) is summed over inside the kernel
             bcast = [bias.shape[i] == 1 and n > 1 for i, n in enumerate((B, H, Sq, Sk))]
-            dbias = torch.empty(bias.shape, device=q.device, dtype=torch.float32)
+            dbias = _empty(bias.shape, q, torch.float32)
             args = dict(common, **bias_args, DBIAS=dbias, batch=B, BCAST_B=bcast[0], BCAST_H=bcast[1],
                         BCAST_M=bcast[2], BCAST_N=bcast[3],
                         **dict(zip(("stride_dbb", "stride_dbh", "stride_dbm", "stride_dbn"), dbias.stride(),
                                    strict=True)))
             del args["BIAS_KIND"]  # the dBias pass always has a float bias
+
+            def dbias_tiles(c: _config.KernelConfig) -> tuple[int, int]:
+                return (1 if bcast[2] else triton.cdiv(Sq, c.block_m)), (1 if bcast[3] else triton.cdiv(Sk, c.block_n))
+
             _launch("attn_bwd_dbias", kernels._attn_bwd_dbias, args,
-                    lambda c: (1 if bcast[2] else triton.cdiv(Sq, c.block_m),
-                               1 if bcast[3] else triton.cdiv(Sk, c.block_n), dbias.shape[0] * dbias.shape[1]),
-                    lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n),
-                    _configs("dq", q, block_d), cache_key)
+                    lambda c: (math.prod(dbias_tiles(c)) * dbias.shape[0] * dbias.shape[1],),
+                    lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_row_blocks=dbias_tiles(c)[0],
+                                   num_col_blocks=dbias_tiles(c)[1]),
+                    _configs("dq", q, block_d), gpu)
     return dq, dk, dv, dbias
 
 
-__all__ = ["LaunchRecord", "capture_launches", "interpreter_active", "launch_counts", "triton_bwd",
-           "triton_fwd", "uses_triton"]
+__all__ = ["LaunchRecord", "capture_launches", "gpu_target", "interpreter_active", "launch_counts", "multiprocessors",
+           "poison_allocations", "triton_bwd", "triton_fwd", "uses_triton", "virtual_gpu", "virtual_gpu_active"]

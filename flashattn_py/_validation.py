@@ -6,6 +6,12 @@ import math
 import numbers
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+try:
+    from torch._subclasses import fake_tensor as _fake_tensor
+except ImportError:  # pragma: no cover - every supported torch has it
+    _fake_tensor = None
 
 
 class InputError(ValueError, RuntimeError):
@@ -27,8 +33,11 @@ MAX_HEAD_DIM = 256
 CausalArg = bool | str
 
 
-def check_qkv(q: object, k: object, v: object, allow_gqa: bool = True) -> None:
-    """q (B, H, Sq, D), k and v (B, H_kv, Sk, D), H a multiple of H_kv: one dtype and device, last dim contiguous."""
+def check_qkv(q: object, k: object, v: object, allow_gqa: bool = True, *, paged: bool = False) -> None:
+    """q (B, H, Sq, D), k and v (B, H_kv, Sk, D), H a multiple of H_kv: one dtype and device, last dim contiguous.
+
+    paged: k and v are pools of pages (num_pages, H_kv, page_size, D), whose dim 0 is not q's batch.
+    """
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise InputTypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -40,7 +49,7 @@ def check_qkv(q: object, k: object, v: object, allow_gqa: bool = True) -> None:
         raise InputTypeError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if not (q.device == k.device == v.device):
         raise InputError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
-    if q.shape[0] != k.shape[0] or q.shape[0] != v.shape[0]:
+    if not paged and (q.shape[0] != k.shape[0] or q.shape[0] != v.shape[0]):
         raise InputError(
             f"q, k and v must have the same batch (dim 0), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape[1] != v.shape[1]:
@@ -145,11 +154,37 @@ def _compiling() -> bool:
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    """A FakeTensor, or a functional / wrapper subclass around one (torch.export)."""
+    return _fake_tensor is not None and bool(_fake_tensor.is_fake(t))
+
+
+def _capturing_cuda_graph(t: torch.Tensor) -> bool:
+    # is_initialized() first: without a CUDA context no stream can be capturing, and asking the stream
+    # would initialise CUDA (or fail on a CPU-only build)
+    return t.device.type == "cuda" and torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
+
+
+def values_unreadable(t: torch.Tensor) -> bool:
+    """Whether reading ``t``'s values on the host is impossible or wrong here; then only metadata is checked.
+
+    True under torch.compile (a read would break the graph), for a FakeTensor (FakeTensorMode,
+    torch.export: the values do not exist), for a ``meta`` tensor (likewise), and for a CUDA
+    tensor while the current stream captures a CUDA graph (a device-to-host sync is illegal
+    during capture). Cheap: it never initialises CUDA.
+    """
+    return _compiling() or t.device.type == "meta" or _is_fake(t) or _capturing_cuda_graph(t)
+
+
 def check_cu_seqlens(cu: object, name: str, total: int, max_seqlen: object, device: torch.device) -> int:
     """Validate cumulative sequence lengths; returns the number of sequences.
 
-    Reads the offsets on the host once (a sync), except under torch.compile, where
-    only their dtype, shape and device are checked.
+    Reads the offsets on the host once per tensor object (a sync), and again after each
+    in-place change to it (every time for an inference tensor, which has no version
+    counter). Where the values cannot be read (`values_unreadable`: under torch.compile,
+    for fake or meta tensors, during CUDA graph capture) only their dtype, shape and
+    device are checked; the offsets themselves are then the caller's responsibility
+    (an eager warm-up call before capture validates them).
     """
     if not isinstance(cu, torch.Tensor):
         raise InputTypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
@@ -159,12 +194,19 @@ def check_cu_seqlens(cu: object, name: str, total: int, max_seqlen: object, devi
         raise InputError(f"{name} must be on the inputs' device {device}, got {cu.device}")
     if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
         raise InputTypeError(f"max_seqlen for {name} must be a non-negative int, got {max_seqlen!r}")
-    if _compiling():  # reading the offsets would break the graph: the shape checks above still hold
+    if values_unreadable(cu):  # the dtype, shape and device checks above still hold
         return cu.numel() - 1
     # Reading the offsets is a device-to-host sync: do it once per tensor (and per in-place change of it),
-    # not once per layer when a model passes the same cu_seqlens to every attention call.
-    key = (cu.data_ptr(), cu._version, cu.numel(), str(cu.device), name, total, max_seqlen)
-    if key in _validated_offsets:
+    # not once per layer when a model passes the same cu_seqlens to every attention call. The cache is keyed
+    # on the tensor object itself (held weakly, so the entry dies with it): a new tensor that the allocator
+    # places at a freed one's address, with _version 0 again, is a different object and is read afresh.
+    # An inference tensor (made under torch.inference_mode) has no version counter: in-place changes to it
+    # cannot be seen, so it is read every time.
+    cacheable = not cu.is_inference()
+    version = (cu._version, cu.data_ptr(), cu.storage_offset(), cu.numel(), cu.stride(0)) if cacheable else None
+    key = (name, total, max_seqlen)
+    seen = _validated_offsets.get(cu) if cacheable else None
+    if seen is not None and seen[0] == version and key in seen[1]:
         return cu.numel() - 1
     values = cu.tolist()
     if values[0] != 0 or any(b < a for a, b in zip(values, values[1:], strict=False)):
@@ -175,20 +217,29 @@ def check_cu_seqlens(cu: object, name: str, total: int, max_seqlen: object, devi
     longest = max((b - a for a, b in zip(values, values[1:], strict=False)), default=0)
     if longest > max_seqlen:
         raise InputError(f"max_seqlen for {name} is {max_seqlen} but a sequence has {longest} tokens")
-    if len(_validated_offsets) >= 64:
-        _validated_offsets.clear()
-    _validated_offsets.add(key)
+    if not cacheable:
+        return len(values) - 1
+    if seen is None or seen[0] != version or len(seen[1]) >= 16:
+        seen = (version, set())
+        _validated_offsets[cu] = seen
+    seen[1].add(key)
     return len(values) - 1
 
 
-_validated_offsets: set[tuple] = set()
+# tensor -> (its version and layout when validated, the (name, total, max_seqlen) it was validated for);
+# an id-keyed weak dictionary, since a Tensor's __eq__ is elementwise
+_validated_offsets: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def check_kvcache(q: object, k_cache: object, v_cache: object, cache_seqlens: object, k_new: object, v_new: object,
                   block_table: object, num_splits: object, causal: object) -> tuple[int, int]:
     """`attention_with_kvcache`'s inputs; returns (cache capacity per sequence, number of new tokens).
 
-    Reads cache_seqlens on the host once, to refuse an overflowing cache before anything is written.
+    Every tensor must be on q's device; that is checked before anything is read. Then
+    cache_seqlens is read on the host once, to refuse an overflowing cache before anything
+    is written; where its values cannot be read (`values_unreadable`: torch.compile, fake or
+    meta tensors, CUDA graph capture) that read, and so the overflow check, is skipped and
+    only dtypes, shapes and devices are checked.
     """
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -203,14 +254,17 @@ def check_kvcache(q: object, k_cache: object, v_cache: object, cache_seqlens: ob
                 or block_table.shape[0] != B:
             raise InputError(f"block_table must be an int32 ({B}, max_pages) tensor")
         capacity = block_table.shape[1] * k_cache.shape[2]
-        view = (q, k_cache[:1].expand(B, -1, -1, -1), v_cache[:1].expand(B, -1, -1, -1))
-        check_qkv(*view)
+        check_qkv(q, k_cache, v_cache, paged=True)  # no views: slicing a fake CUDA tensor needs CUDA
     else:
         capacity = k_cache.shape[2]
         check_qkv(q, k_cache, v_cache)
     if not isinstance(cache_seqlens, torch.Tensor) or cache_seqlens.dtype != torch.int32 \
             or tuple(cache_seqlens.shape) != (B,):
         raise InputError(f"cache_seqlens must be an int32 tensor of shape ({B},)")
+    if cache_seqlens.device != q.device:
+        raise InputError(f"cache_seqlens must be on q's device {q.device}, got {cache_seqlens.device}")
+    if block_table is not None and block_table.device != q.device:
+        raise InputError(f"block_table must be on q's device {q.device}, got {block_table.device}")
     if (k_new is None) != (v_new is None):
         raise InputError("k_new and v_new must be given together")
     S_new = 0
@@ -218,10 +272,17 @@ def check_kvcache(q: object, k_cache: object, v_cache: object, cache_seqlens: ob
         if k_new.shape != v_new.shape or k_new.dim() != 4 or k_new.shape[:2] != (B, H_kv) or k_new.shape[3] != D:
             raise InputError(f"k_new and v_new must be ({B}, {H_kv}, S_new, {D}), got {tuple(k_new.shape)} and "
                              f"{tuple(v_new.shape)}")
-        if k_new.dtype != k_cache.dtype or k_new.device != k_cache.device:
-            raise InputTypeError("k_new and v_new must match the cache's dtype and device")
+        if k_new.dtype != k_cache.dtype or v_new.dtype != k_cache.dtype:
+            raise InputTypeError(f"k_new and v_new must match the cache's dtype {k_cache.dtype}, got {k_new.dtype} "
+                                 f"and {v_new.dtype}")
+        if k_new.device != q.device or v_new.device != q.device:
+            raise InputError(f"k_new and v_new must match the cache's device {q.device}, got {k_new.device} and "
+                             f"{v_new.device}")
         S_new = k_new.shape[2]
-    lengths = cache_seqlens.tolist()  # one host sync, to refuse an overflowing cache before writing into it
+    if values_unreadable(cache_seqlens):  # no values to read: the overflow check cannot run
+        lengths = []
+    else:
+        lengths = cache_seqlens.tolist()  # one host sync, to refuse an overflowing cache before writing into it
     if min(lengths, default=0) < 0 or max(lengths, default=0) + S_new > capacity:
         raise InputError(f"the cache holds {capacity} tokens per sequence; cache_seqlens {lengths[:8]} + "
                          f"{S_new} new tokens does not fit")

@@ -23,7 +23,7 @@ from ._validation import (
     check_softcap,
     check_window,
 )
-from .ops import attn_fwd, flash_attention
+from .ops import attn_fwd, flash_attention, multiprocessors
 
 Causal = bool | Literal["top_left", "bottom_right"]
 
@@ -319,10 +319,8 @@ def _append_to_cache(cache: torch.Tensor, new: torch.Tensor, cache_seqlens: torc
 
 def _auto_splits(q: torch.Tensor, batch_heads: int, cache_len: int) -> int:
     """Split-K factor for a decoding call (1 off the GPU); the rule lives in `_config.auto_splits`."""
-    if not q.is_cuda:
-        return 1
-    return _config.auto_splits(torch.cuda.get_device_properties(q.device).multi_processor_count, batch_heads,
-                               cache_len)
+    sms = multiprocessors(q)
+    return 1 if sms == 1 else _config.auto_splits(sms, batch_heads, cache_len)
 
 
 def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -35,10 +35,18 @@ from ._contract import (
     op_scalar_fields,
     to_op_scalars,
 )
-from ._launch import interpreter_active, launch_counts, triton_bwd, triton_fwd, uses_triton
+from ._launch import (
+    interpreter_active,
+    launch_counts,
+    multiprocessors,
+    triton_bwd,
+    triton_fwd,
+    uses_triton,
+    virtual_gpu_active,
+)
 
 __all__ = ["AttnSpec", "BiasKind", "DENSE", "SeqLayout", "SeqMode", "attn_bwd", "attn_fwd", "flash_attention",
-           "interpreter_active", "launch_counts", "uses_triton"]
+           "interpreter_active", "launch_counts", "multiprocessors", "uses_triton"]
 
 
 def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
@@ -52,7 +60,7 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tens
         lse_shape = (H, Sq) if seq.mode == SeqMode.PACKED else (q.shape[0], H, Sq)
         return (torch.zeros_like(q), torch.full(lse_shape, float("-inf"), device=q.device, dtype=torch.float32))
     if uses_triton(q):
-        if not q.is_cuda:
+        if not q.is_cuda and not virtual_gpu_active():
             _interpreter.check_dtype(q.dtype)
         return triton_fwd(q, k, v, bias, alibi, spec, seq, num_splits)
     return _torch_backend.attn_fwd(q, k, v, bias, alibi, spec, seq)
@@ -72,7 +80,7 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if do.stride(-1) != 1:  # e.g. the expanded gradient of out.sum()
         do = do.contiguous()
     if uses_triton(q):
-        if not q.is_cuda:
+        if not q.is_cuda and not virtual_gpu_active():
             _interpreter.check_dtype(q.dtype)
         return triton_bwd(do, q, k, v, o, lse, dlse, bias, alibi, need_dbias, spec, seq)
     return _torch_backend.attn_bwd(do, q, k, v, o, lse, dlse, bias, alibi, need_dbias, spec, seq)
@@ -100,7 +108,7 @@ def _as_kernel_layout(t: torch.Tensor | None, seq_mode: int) -> torch.Tensor | N
 
 
 def _from_kernel_layout(t: torch.Tensor, seq_mode: int) -> torch.Tensor:
-    return t.transpose(1, 2)[0] if seq_mode == SeqMode.PACKED else t
+    return t.transpose(1, 2).select(0, 0) if seq_mode == SeqMode.PACKED else t
 
 
 def _fresh(t: torch.Tensor) -> torch.Tensor:
@@ -118,8 +126,7 @@ def _draw_seed(dropout_p: float) -> int:
     return int(torch.randint(0, 2**62, ()).item()) if dropout_p > 0 else 0
 
 
-@torch.library.custom_op("flashattn_py::attn_fwd", mutates_args=(), schema=_FWD_SCHEMA)
-def _attn_fwd_op(q, k, v, bias, alibi, cu_seqlens_q, cu_seqlens_k, *scalars):
+def _attn_fwd_impl(q, k, v, bias, alibi, cu_seqlens_q, cu_seqlens_k, *scalars):
     spec, seq = from_op_scalars(scalars, cu_seqlens_q, cu_seqlens_k)
     seed = _draw_seed(spec.dropout_p)
     spec = dataclasses.replace(spec, seed=seed)
@@ -129,16 +136,22 @@ def _attn_fwd_op(q, k, v, bias, alibi, cu_seqlens_q, cu_seqlens_k, *scalars):
     return _fresh(_from_kernel_layout(o, mode)), lse, torch.tensor(seed, dtype=torch.int64)
 
 
+_attn_fwd_op = torch.library.custom_op("flashattn_py::attn_fwd", mutates_args=(), schema=_FWD_SCHEMA)(_attn_fwd_impl)
+
+
 @_attn_fwd_op.register_fake
 def _(q, k, v, bias, alibi, cu_seqlens_q, cu_seqlens_k, *scalars):
+    if virtual_gpu_active():  # FakeTensorMode's CUDA tensors on a virtual GPU: run the CUDA path to the launch
+        return _attn_fwd_impl(q, k, v, bias, alibi, cu_seqlens_q, cu_seqlens_k, *scalars)
     _, seq = from_op_scalars(scalars, cu_seqlens_q, cu_seqlens_k)
     lse_shape = (q.shape[1], q.shape[0]) if seq.mode == SeqMode.PACKED else tuple(q.shape[:3])
     return (torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32), torch.empty((), dtype=torch.int64))
 
 
-@torch.library.custom_op("flashattn_py::attn_bwd", mutates_args=(), schema=_BWD_SCHEMA)
-def _attn_bwd_op(do, q, k, v, o, lse, dlse, bias, alibi, cu_seqlens_q, cu_seqlens_k, seed, need_dbias, *scalars):
-    spec, seq = from_op_scalars(scalars, cu_seqlens_q, cu_seqlens_k, int(seed.item()))
+def _attn_bwd_impl(do, q, k, v, o, lse, dlse, bias, alibi, cu_seqlens_q, cu_seqlens_k, seed, need_dbias, *scalars):
+    spec, seq = from_op_scalars(scalars, cu_seqlens_q, cu_seqlens_k)
+    if spec.dropout_p > 0:  # the seed is only read when there is dropout to regenerate
+        spec = dataclasses.replace(spec, seed=int(seed.item()))
     dq, dk, dv, dbias = attn_bwd(*(_as_kernel_layout(t, seq.mode) for t in (do, q, k, v, o)), lse, dlse, bias,
                                  alibi, need_dbias, spec, seq)
     grads = [_fresh(_from_kernel_layout(g, seq.mode)) for g in (dq, dk, dv)]
@@ -146,8 +159,14 @@ def _attn_bwd_op(do, q, k, v, o, lse, dlse, bias, alibi, cu_seqlens_q, cu_seqlen
     return grads[0], grads[1], grads[2], dbias
 
 
+_attn_bwd_op = torch.library.custom_op("flashattn_py::attn_bwd", mutates_args=(), schema=_BWD_SCHEMA)(_attn_bwd_impl)
+
+
 @_attn_bwd_op.register_fake
 def _(do, q, k, v, o, lse, dlse, bias, alibi, cu_seqlens_q, cu_seqlens_k, seed, need_dbias, *scalars):
+    if virtual_gpu_active():
+        return _attn_bwd_impl(do, q, k, v, o, lse, dlse, bias, alibi, cu_seqlens_q, cu_seqlens_k, seed, need_dbias,
+                              *scalars)
     dbias = torch.empty(bias.shape, dtype=bias.dtype, device=bias.device) if need_dbias else q.new_empty(0)
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias
 

@@ -32,6 +32,7 @@ from .tiles import (
     _dropout_keep,
     _load_row_stat,
     _load_rows,
+    _program_ids,
     _score_mods,
     _stage_bounds,
     _store_rows,
@@ -45,13 +46,12 @@ def _attn_bwd_preprocess(
     O, DO, DLSE, DELTA,
     stride_ob, stride_oh, stride_om,
     stride_dob, stride_doh, stride_dom,
-    num_heads, seqlen_q,
+    num_heads, seqlen_q, num_row_blocks,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
     HAS_DLSE: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     """DELTA[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d] - dLSE[b, h, i] (float32, contiguous)."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_m, pid_bh = _program_ids(num_row_blocks)
     b64 = tl.cast(pid_bh // num_heads, tl.int64)
     h64 = tl.cast(pid_bh % num_heads, tl.int64)
     start_m = pid_m * BLOCK_M
@@ -170,7 +170,7 @@ def _attn_bwd_dkdv(
     stride_lseb, stride_lseh,
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     stride_alibib, stride_alibih,
-    num_heads, kv_group, seqlen_q, seqlen_k, offset, window_left, window_right,
+    num_heads, kv_group, seqlen_q, seqlen_k, offset, window_left, window_right, num_row_blocks,
     qk_scale, softcap_log2, sm_scale, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
@@ -181,10 +181,9 @@ def _attn_bwd_dkdv(
     """dK, dV for BLOCK_N keys of one (sequence, K/V head), streaming the query blocks that see them.
 
     Under GQA the kv_group query heads sharing this K/V head are summed here, in
-    a fixed order: deterministic, no atomics. Grid: (key blocks, sequences * H_kv).
+    a fixed order: deterministic, no atomics. Grid: (key blocks * sequences * H_kv,), key blocks fastest.
     """
-    pid_n = tl.program_id(0)
-    pid_bhkv = tl.program_id(1)
+    pid_n, pid_bhkv = _program_ids(num_row_blocks)
     num_kv_heads = num_heads // kv_group
     off_b = pid_bhkv // num_kv_heads
     off_hkv = pid_bhkv % num_kv_heads
@@ -290,16 +289,18 @@ def _attn_bwd_dq(
     stride_lseb, stride_lseh,
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     stride_alibib, stride_alibih,
-    num_heads, kv_group, seqlen_q, seqlen_k, offset, window_left, window_right,
+    num_heads, kv_group, seqlen_q, seqlen_k, offset, window_left, window_right, num_row_blocks,
     qk_scale, softcap_log2, sm_scale, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, SEQ_MODE: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STREAM_DESC: tl.constexpr,
 ):
-    """dQ for BLOCK_M queries of one (sequence, head), streaming the key blocks they see."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    """dQ for BLOCK_M queries of one (sequence, head), streaming the key blocks they see.
+
+    Grid: (query blocks * sequences * heads,), query blocks fastest.
+    """
+    pid_m, pid_bh = _program_ids(num_row_blocks)
     off_b = pid_bh // num_heads
     off_h = pid_bh % num_heads
     q_start, k_start, sq, sk, off = _seq_bounds(CU_Q, CU_K, CU_K, off_b, seqlen_q, seqlen_k, offset, SEQ_MODE)
@@ -367,7 +368,8 @@ def _attn_bwd_dbias(
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     stride_dbb, stride_dbh, stride_dbm, stride_dbn,
     stride_alibib, stride_alibih,
-    batch, num_heads, kv_group, seqlen_q, seqlen_k, offset, window_left, window_right,
+    batch, num_heads, kv_group, seqlen_q, seqlen_k, offset, window_left, window_right, num_row_blocks,
+    num_col_blocks,
     qk_scale, softcap_log2, dropout_p, seed,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
@@ -377,13 +379,13 @@ def _attn_bwd_dbias(
 ):
     """One tile of dBias = dS, summed over the dims the bias broadcasts along (BCAST_*).
 
-    DBIAS is float32 with size 1 on broadcast dims. The grid is (row tiles,
-    column tiles, DBIAS's batch*heads); a broadcast dim is looped over inside the
+    DBIAS is float32 with size 1 on broadcast dims. The grid is (row tiles *
+    column tiles * DBIAS's batch*heads,), row tiles fastest; a broadcast dim is looped over inside the
     program, so every element is a fixed-order sum: deterministic. Dense layout only.
     """
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    pid_bh = tl.program_id(2)
+    pid_m, pid_rest = _program_ids(num_row_blocks)
+    pid_n = pid_rest % num_col_blocks
+    pid_bh = pid_rest // num_col_blocks
     out_heads = 1 if BCAST_H else num_heads
     out_b = pid_bh // out_heads
     out_h = pid_bh % out_heads

@@ -29,6 +29,7 @@ from .tiles import (
     _band_range,
     _dropout_keep,
     _load_rows,
+    _program_ids,
     _score_mods,
     _stage_bounds,
     _store_rows,
@@ -159,7 +160,7 @@ def _attn_fwd(
     stride_alibib, stride_alibih,
     stride_tableb, stride_tablep,
     num_heads, kv_group, seqlen_q, seqlen_k, offset, window_left, window_right,
-    qk_scale, softcap_log2, dropout_p, seed, page_size, split_len,
+    qk_scale, softcap_log2, dropout_p, seed, page_size, split_len, num_row_blocks,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, SEQ_MODE: tl.constexpr, PAGED: tl.constexpr,
@@ -168,15 +169,14 @@ def _attn_fwd(
 ):
     """O = softmax(scores) V and LSE = natural log-sum-exp of the scores, per query row.
 
-    Grid: (query blocks, sequences * heads, splits). Query i sees key j iff
+    Grid: (query blocks * sequences * heads, splits), query blocks fastest (`_program_ids`). Query i sees key j iff
     i + offset - window_left <= j <= i + offset + window_right (absent bounds when
     HAS_LEFT / HAS_RIGHT are off; causal is window_right = 0). Rows that see no
     key get O = 0 and LSE = -inf. With dropout, O is (P ∘ keep) V / (1 - p) and
     LSE is that of the undropped P. Split s covers keys [s * split_len, (s + 1) * split_len).
     """
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    pid_s = tl.program_id(2)
+    pid_m, pid_bh = _program_ids(num_row_blocks)
+    pid_s = tl.program_id(1)
     off_b = pid_bh // num_heads
     off_h = pid_bh % num_heads
     start_m = pid_m * BLOCK_M

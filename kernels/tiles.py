@@ -16,6 +16,18 @@ RESCALE_THRESHOLD = tl.constexpr(8.0)
 
 
 @triton.jit
+def _program_ids(num_row_blocks):
+    """(row block, batch * head) of this program. Grid axis 0 holds both, row blocks fastest.
+
+    CUDA allows 2**31 - 1 programs on axis 0 but only 65,535 on axes 1 and 2, which B * H passes
+    (decode at B1024 H64, a B4096 H16 batch, thousands of packed sequences): B * H gets no axis of
+    its own. Neighbouring programs are row blocks of one head, so they share its K/V in L2.
+    """
+    pid = tl.program_id(0)
+    return pid % num_row_blocks, pid // num_row_blocks
+
+
+@triton.jit
 def _tile_ptrs(base, start, offs, offs_d, stride):
     """Pointers to rows start + offs (x head dim offs_d) of a slab with row `stride` and unit last stride.
 

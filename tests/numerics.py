@@ -6,8 +6,26 @@ the LSE and 3 for gradients, and slack one rounding unit of the dtype at the
 reference's magnitude (as FlashAttention's tests do).
 
 Two magnitudes are those of intermediate terms rather than of the result:
-- dv: Pᵀ|dO| weighted by |s| + |lse|, since P is recomputed from the stored LSE
-  (a rounding that PyTorch, holding P itself, does not have);
+- dv: Pᵀ|dO| weighted by 1 + r (eps_softmax / eps), r bounding the relative error
+  of P = exp2(s2 - lse2) recomputed in the backward from the stored LSE, in eps of
+  the softmax dtype (float32; float64 for float64), a rounding PyTorch, holding the
+  P its forward made, does not have. Counting unit roundoffs u = eps/2 in the
+  exponent (log2 units, s2 = log2(e) s): qk_scale = scale * log2(e) rounded (u|s2|),
+  the multiply by it (u|s2|), the subtraction (u(|s2| + |lse2|)); the stored LSE
+  (forward max taken after the same rounded multiply, + log2(l), * ln 2 rounded
+  constant and product: 5u|lse2|) and lse * log2(e) (rounded constant and product:
+  2u|lse2|). An exponent error x costs P a relative ln(2) x, so P is off by
+  u(3|s| + 8|lse|) = eps(1.5|s| + 4|lse|), plus exp2's own ~1 ulp (eps).
+  The backward also recomputes Q Kᵀ, in another order than the forward that made
+  the LSE (other BLAS kernels, tiles, transposes): at a dominant entry PyTorch's
+  softmax cancels its own product's rounding, ours keeps the difference of two.
+  Each is bounded (probabilistically, Higham & Mary) by sqrt(D) u scale Σ|q||k|,
+  so r gets sqrt(D) eps scale (|Q| |K|ᵀ). Without this term the rule's pass hung
+  on which BLAS the interpreter's tl.dot called (numpy's OpenBLAS Haswell/Zen
+  kernels round q@kᵀ and (k@qᵀ)ᵀ differently, SkylakeX kernels identically); the
+  PyTorch factor cannot cover it, PyTorch's error being small there by luck. The
+  1 in 1 + r is P's rounding to q's dtype for the MMA and dv's own, one eps of
+  q's dtype per term;
 - dq, dk: the terms they sum, scale * P (|dP| + |delta|) |K| (or |Q|). dS = P(dP - delta)
   cancels, so an entry that is 0 in exact arithmetic (a row with one key, say)
   still carries rounding at the scale of those terms; PyTorch's softmax backward
@@ -23,6 +41,10 @@ from flashattn_py.reference import reference_scores
 
 FWD_FACTOR = 2.0
 BWD_FACTOR = 3.0
+# roundings of P = exp2(s2 - lse2) recomputed in the backward, in eps of the softmax dtype (module docstring)
+DV_ROUNDINGS_S = 1.5
+DV_ROUNDINGS_LSE = 4.0
+DV_ROUNDINGS_EXP = 1.0
 
 
 def make_qkv(B: int, H: int, Sq: int, Sk: int, D: int, dtype: torch.dtype, device: torch.device,
@@ -76,6 +98,7 @@ def assert_rule(name: str, ours: torch.Tensor, same_dtype: torch.Tensor, ref64: 
 def _gradient_term_magnitudes(q, k, v, do, out64, lse64, scale, causal, attn_mask=None,
                               **score_kwargs) -> tuple[float, float, float]:
     """Largest |term| summed into dq, dk and dS, in float64: scale * P (|dP| + |delta|) times |K| or |Q|."""
+    dtype = q.dtype
     q, k, v, do = (t.detach().double() for t in (q, k, v, do))
     if k.shape[1] != q.shape[1]:
         k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
@@ -95,9 +118,16 @@ def _gradient_term_magnitudes(q, k, v, do, out64, lse64, scale, causal, attn_mas
     term_dk = torch.matmul(w.transpose(-1, -2), q.abs()).max().item()
     # the mask's gradient is dS summed over the mask's broadcast dims
     term_ds = (w_ds.sum_to_size(attn_mask.shape) if attn_mask is not None else w_ds).max().item()
-    # dV = Pᵀ dO with P = exp(s - lse) recomputed from the stored LSE: P carries a relative rounding
-    # error of about eps * (|s| + |lse|), which PyTorch (holding P itself) does not have
-    w_p = torch.where(p > 0, p * (s.abs() + lse.abs()), 0.0)
+    # dV = Pᵀ dO with P = exp2(s2 - lse2) recomputed from the stored LSE in the softmax dtype (float32, float64
+    # for float64): its relative error, counted in the module docstring, is DV_ROUNDINGS_S |s| + DV_ROUNDINGS_LSE
+    # |lse| + DV_ROUNDINGS_EXP + sqrt(D) scale |q|·|k| (two orders of Q Kᵀ) eps of that dtype; P in q's dtype and
+    # the sum over queries cost one eps of q's dtype per term of Pᵀ|dO|. In units of q's eps (assert_rule's):
+    eps_dtype = torch.finfo(dtype).eps
+    eps_softmax = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    dot_err = q.shape[-1] ** 0.5 * abs(scale) * torch.matmul(q.abs(), k.abs().transpose(-1, -2))
+    rel_p = torch.where(p > 0, DV_ROUNDINGS_S * s.abs() + DV_ROUNDINGS_LSE * lse.abs() + DV_ROUNDINGS_EXP + dot_err,
+                        0.0)
+    w_p = p * (1.0 + rel_p * (eps_softmax / eps_dtype))
     term_dv = torch.matmul(w_p.transpose(-1, -2), do.abs()).max().item()
     return term_dq, term_dk, term_ds, term_dv
 

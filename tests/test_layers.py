@@ -16,9 +16,10 @@ PKG = ROOT / "flashattn_py"
 # module -> the package modules it may import (its own layer and the ones below)
 ALLOWED = {
     "_contract": set(),
-    "_config": set(),
+    "_targets": set(),
+    "_config": {"_targets"},
     "_interpreter": set(),
-    "_launch": {"_config", "_contract", "_interpreter", "kernels"},
+    "_launch": {"_config", "_contract", "_interpreter", "_targets", "kernels"},
     "_torch_backend": {"_contract", "_cpu_fused"},
     "_cpu_fused": {"_contract"},
     "ops": {"_contract", "_launch", "_torch_backend", "_interpreter"},
