@@ -13,6 +13,7 @@ interpreter; `_interpreter` makes its bf16 matmul exact first (or refuses bf16).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import importlib.util
 import inspect
 import math
@@ -96,7 +97,7 @@ def uses_triton(t: torch.Tensor) -> bool:
     """Whether attention on tensors like `t` runs the Triton kernels (always inside `virtual_gpu`)."""
     if triton is None or t.dtype == torch.float64:  # float64 is the torch backend's alone
         return False
-    if _virtual is not None:
+    if virtual_gpu_active():
         return True
     if t.is_cuda:
         return not interpreter_active()
@@ -138,7 +139,9 @@ class _VirtualGpu:
     chosen: dict[tuple, _config.KernelConfig]  # this GPU's own config cache, as a process on it would have
 
 
-_virtual: _VirtualGpu | None = None
+# the active virtual GPU, per thread / task: another thread's real launches are never recorded instead
+_active_virtual: contextvars.ContextVar[_VirtualGpu | None] = contextvars.ContextVar("flashattn_py_virtual_gpu",
+                                                                                    default=None)
 
 
 @contextlib.contextmanager
@@ -159,14 +162,12 @@ def virtual_gpu(target: str | GpuTarget = "sm_90", *, compile: bool = False) -> 
     is what the GPU would pick). Chosen configs are cached per context, keyed as
     on a GPU, so a sequence of calls sees what a process on that GPU would.
     """
-    global _virtual
     records: list[LaunchRecord] = []
-    saved = _virtual
-    _virtual = _VirtualGpu(_targets.target(target), compile, records, {})
+    token = _active_virtual.set(_VirtualGpu(_targets.target(target), compile, records, {}))
     try:
         yield records
     finally:
-        _virtual = saved
+        _active_virtual.reset(token)
 
 
 @contextlib.contextmanager
@@ -178,13 +179,14 @@ def capture_launches(capability: tuple[int, int] = (9, 0)) -> Iterator[list[Laun
 
 
 def virtual_gpu_active() -> bool:
-    return _virtual is not None
+    return _active_virtual.get() is not None
 
 
 def gpu_target(t: torch.Tensor) -> GpuTarget | None:
     """The GPU `t`'s kernels would run on: the virtual one, `t`'s CUDA device, or None (the interpreter)."""
-    if _virtual is not None:
-        return _virtual.target
+    virtual = _active_virtual.get()
+    if virtual is not None:
+        return virtual.target
     return _targets.device_target(t.device) if t.is_cuda else None
 
 
@@ -238,7 +240,7 @@ def _configs(kind: str, q: torch.Tensor, block_d: int, descriptors: bool = False
     return _config.candidates(kind, block_d, q.element_size(), gpu, descriptors, heavy_scores)
 
 
-def _is_fake(t: torch.Tensor) -> bool:
+def is_fake(t: torch.Tensor) -> bool:
     return type(t).__name__ == "FakeTensor"
 
 
@@ -248,7 +250,7 @@ def _aligned16(t: torch.Tensor) -> bool:
     A FakeTensor has no address; its storage stands for a fresh CUDA allocation
     (the caching allocator aligns those to 512 bytes), so its offset decides.
     """
-    if _is_fake(t):
+    if is_fake(t):
         return t.storage_offset() * t.element_size() % 16 == 0
     return t.data_ptr() % 16 == 0
 
@@ -271,47 +273,67 @@ def _constexpr_names(kernel) -> frozenset[str]:
 
 
 def _key_part(value: Any) -> Any:
-    """What of one runtime argument the compiled kernel depends on (Triton's own specialization, and more)."""
+    """What of one runtime argument the config choice depends on: tensors by dtype and alignment."""
     if isinstance(value, torch.Tensor):
-        return ("tensor", value.dtype, _aligned16(value))
-    if TensorDescriptor is not None and isinstance(value, TensorDescriptor):
-        return ("desc", value.base.dtype, tuple(value.block_shape))
-    if isinstance(value, bool) or value is None or isinstance(value, (str, float)):
-        return value if not isinstance(value, float) else "float"
-    if isinstance(value, int):
-        return ("int", value == 1, value % 16 == 0, -2**31 <= value < 2**31)
-    return type(value).__name__
+        return value.dtype, _aligned16(value)
+    return None  # runtime scalars: Triton specializes ints (== 1, % 16), which changes no tile or buffer size
 
 
 def _config_key(name: str, kernel, gpu: GpuTarget | None, args: dict[str, Any]) -> tuple:
-    """A launch site's identity for the config cache: the GPU and every argument's specialization.
+    """A launch site's identity for the config cache: what decides which candidate fits the GPU.
 
-    Constexprs (bias kind, dropout, score modifiers, descriptors, sequence mode, head dim...)
-    enter by value, tensors by dtype and alignment, other ints as Triton specializes them. So
-    two calls share a config only if they would compile the same kernel for every candidate.
+    The GPU, every constexpr by value (bias kind, dropout, score modifiers, descriptors,
+    sequence mode, head dim, ...) and every tensor's dtype and alignment: what sets the
+    tiles, the buffers and so the shared memory of each candidate. Runtime scalars do not
+    enter (Triton's divisibility specialization of an int changes vector widths, not sizes),
+    nor do the per-config arguments (block sizes, EVEN_* flags), which the candidate sets.
     """
     constexprs = _constexpr_names(kernel)
-    return (name, gpu, *((k, v if k in constexprs else _key_part(v)) for k, v in args.items()))
+    return (name, gpu, *((k, v) if k in constexprs else (k, _key_part(v))
+                         for k, v in args.items() if k in constexprs or isinstance(v, torch.Tensor)))
 
 
-def _check_grid(name: str, grid: tuple[int, ...]) -> tuple[int, ...]:
-    if grid[0] > _targets.MAX_GRID_X or any(n > _targets.MAX_GRID_YZ for n in grid[1:]):
-        raise ValueError(f"flashattn_py: {name}'s grid {grid} passes CUDA's limits (axis 0 <= {_targets.MAX_GRID_X}, "
-                         f"axes 1 and 2 <= {_targets.MAX_GRID_YZ}); the problem is too large for one launch")
+def _check_grid(name: str, grid: tuple[int, ...], gpu: GpuTarget | None, cfg: _config.KernelConfig) -> tuple[int, ...]:
+    """The grid, or a clear error where it passes the GPU's limits (CUDA: 2**31 - 1 blocks on axis 0, 65,535
+    on axes 1 and 2; HIP: also 2**32 - 1 threads along axis 0)."""
+    too_many = grid[0] > _targets.MAX_GRID_X or any(n > _targets.MAX_GRID_YZ for n in grid[1:])
+    if gpu is not None and gpu.vendor == "amd":
+        too_many |= grid[0] * cfg.num_warps * gpu.warp_size > _targets.MAX_HIP_GRID_THREADS
+    if too_many:
+        raise ValueError(f"flashattn_py: {name}'s grid {grid} passes the GPU's grid limits (axis 0 <= "
+                         f"{_targets.MAX_GRID_X} blocks, axes 1 and 2 <= {_targets.MAX_GRID_YZ}); the problem is too "
+                         f"large for one launch")
     return grid
 
 
 def _compile(kernel, grid: tuple, args: dict[str, Any], cfg: _config.KernelConfig, gpu: GpuTarget, virtual: bool):
-    """The CompiledKernel `kernel[grid](**args)` builds for `gpu`, compiled, not launched."""
+    """The CompiledKernel `kernel[grid](**args)` builds for `gpu`, compiled, not launched (None if Triton's
+    JIT hands back none: a cache hook that took over, say)."""
     options = dict(grid=grid, warmup=True, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **args)
     if virtual:
         with _targets.stand_in_driver(gpu):
-            return kernel.run(**options)
-    return kernel.run(**options)
+            compiled = kernel.run(**options)
+    else:
+        compiled = kernel.run(**options)
+    if hasattr(compiled, "result") and not hasattr(compiled, "metadata"):  # asynchronous compile: a future
+        compiled = compiled.result()
+    return compiled if hasattr(compiled, "metadata") else None
 
 
-def _fits(compiled, gpu: GpuTarget) -> bool:
-    return int(compiled.metadata.shared) <= gpu.max_shared
+def _fits(compiled, gpu: GpuTarget, real: bool) -> bool:
+    """Whether a compiled candidate can launch on `gpu`: its shared memory within the GPU's; on a real GPU
+    also everything Triton checks when it loads the module (threads per block for the registers used,
+    Blackwell's tensor memory), without launching it."""
+    if compiled is None:
+        return True  # nothing to read: the launch itself decides, and its OutOfResources moves on
+    if int(compiled.metadata.shared) > gpu.max_shared:
+        return False
+    if real and hasattr(compiled, "_init_handles"):
+        try:
+            compiled._init_handles()
+        except OutOfResources:
+            return False
+    return True
 
 
 def _launch(name: str, kernel, args: dict[str, Any], grid: Callable[[_config.KernelConfig], tuple],
@@ -320,11 +342,11 @@ def _launch(name: str, kernel, args: dict[str, Any], grid: Callable[[_config.Ker
     """Launch `kernel` by keyword with the first of `configs` that fits the GPU, known before the launch.
 
     `per_config(cfg)` gives the arguments that depend on the config (block sizes, the EVEN_*
-    flags, descriptors, split lengths). On a GPU a config is compiled (or found in Triton's
-    cache) and its shared memory compared with the GPU's before anything launches; the choice
-    is remembered per `_config_key`. Under `virtual_gpu` the same choice is made for the target.
+    flags, descriptors, split lengths). On a GPU a candidate is compiled (or found in Triton's
+    cache) and checked against the GPU's limits before anything launches; the choice is
+    remembered per `_config_key`. Under `virtual_gpu` the same choice is made for the target.
     """
-    virtual = _virtual
+    virtual = _active_virtual.get()
     cache = virtual.chosen if virtual is not None else _chosen_config
     key = _config_key(name, kernel, gpu, args)
     cfg = cache.get(key)
@@ -336,18 +358,18 @@ def _launch(name: str, kernel, args: dict[str, Any], grid: Callable[[_config.Ker
         else:
             sizes = []
             for candidate in configs:
-                compiled = _compile(kernel, _check_grid(name, tuple(grid(candidate))),
+                compiled = _compile(kernel, _check_grid(name, tuple(grid(candidate)), gpu, candidate),
                                     {**args, **per_config(candidate)}, candidate, gpu, virtual is not None)
-                if _fits(compiled, gpu):
+                if _fits(compiled, gpu, real=virtual is None):
                     cfg = candidate
                     break
                 refused.append(candidate)
                 sizes.append(f"{candidate}: {int(compiled.metadata.shared)} B")
             if cfg is None:
-                raise RuntimeError(f"flashattn_py: no launch configuration of {name} fits this GPU's "
-                                   f"{gpu.max_shared} B of shared memory ({'; '.join(sizes)})")
+                raise RuntimeError(f"flashattn_py: no launch configuration of {name} fits this GPU "
+                                   f"({gpu.max_shared} B of shared memory; {'; '.join(sizes)})")
         cache[key] = cfg
-    launch_grid = _check_grid(name, tuple(grid(cfg)))
+    launch_grid = _check_grid(name, tuple(grid(cfg)), gpu, cfg)
     full_args = {**args, **per_config(cfg)}
     if virtual is not None:
         if virtual.compile and compiled is None:
@@ -355,7 +377,16 @@ def _launch(name: str, kernel, args: dict[str, Any], grid: Callable[[_config.Ker
         virtual.records.append(LaunchRecord(name, kernel, full_args, cfg, launch_grid, virtual.target, compiled,
                                             tuple(refused)))
         return
-    kernel[launch_grid](**full_args, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    try:
+        kernel[launch_grid](**full_args, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    except OutOfResources:
+        # refused when Triton loaded it, though it passed every check we could make before: the next candidate
+        remaining = configs[configs.index(cfg) + 1:] if cfg in configs else []
+        if not remaining:
+            raise
+        del cache[key]
+        _launch(name, kernel, args, grid, per_config, remaining, gpu)
+        return
     launch_counts[name] += 1
 
 
@@ -425,7 +456,7 @@ def _score_args(spec: AttnSpec, alibi: torch.Tensor | None) -> dict[str, Any]:
 
 def _device_of(t: torch.Tensor):
     """Triton launches on the current CUDA device (and its current stream): make it the tensor's."""
-    return torch.cuda.device(t.device) if t.is_cuda and _virtual is None else contextlib.nullcontext()
+    return torch.cuda.device(t.device) if t.is_cuda and not virtual_gpu_active() else contextlib.nullcontext()
 
 
 def _stream_descriptors(kind: str, q: torch.Tensor, seq: SeqLayout, *streamed: torch.Tensor,
@@ -554,7 +585,7 @@ def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
     with _device_of(q):
         _launch("attn_fwd", kernels._attn_fwd, args, lambda c: (triton.cdiv(max_q, c.block_m) * B * H, splits),
                 per_config, configs, gpu)
-    if args["STREAM_DESC"] and _virtual is None:
+    if args["STREAM_DESC"] and not virtual_gpu_active():
         launch_counts["attn_fwd:descriptors"] += 1
     if num_splits > 1:  # flash-decoding: merge the splits by their log-sum-exp
         lse_all = torch.logsumexp(lse, dim=0)
@@ -625,7 +656,7 @@ def triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                num_row_blocks=triton.cdiv(max_q, c.block_m),
                                **_descriptor_args(kv_desc, dict(K_DESC=k, V_DESC=v), c.block_n, block_d)),
                 _configs("dq", q, block_d), gpu)
-        if _virtual is None:
+        if not virtual_gpu_active():
             launch_counts["attn_bwd_dkdv:descriptors"] += qdo_desc
             launch_counts["attn_bwd_dq:descriptors"] += kv_desc
         dbias = None

@@ -28,6 +28,8 @@ import torch
 # CUDA's grid limits: axis 0 up to 2**31 - 1 blocks, axes 1 and 2 up to 65,535
 MAX_GRID_X = 2**31 - 1
 MAX_GRID_YZ = 65535
+# HIP also bounds the threads along a grid axis (gridDim.x * blockDim.x) by 2**32 - 1
+MAX_HIP_GRID_THREADS = 2**32 - 1
 # registers one block may hold (every NVIDIA GPU from sm_50 on; AMD's VGPR file is per SIMD, see issue 22)
 MAX_REGISTERS_PER_BLOCK = 65536
 MAX_REGISTERS_PER_THREAD = 255
@@ -85,16 +87,33 @@ def target(name_or_target: str | GpuTarget) -> GpuTarget:
         raise ValueError(f"unknown GPU target {name_or_target!r}; known: {', '.join(TARGETS)}") from None
 
 
+def _triton_device_properties(index: int) -> dict:
+    """What Triton's own driver says of the device: the shared-memory limit its loader enforces and the SMs.
+
+    Preferred to torch's properties: torch before 2.6 has no `shared_memory_per_block_optin` (and ROCm
+    builds lack it still), and a 48 KB fallback would refuse every large tile without a word.
+    """
+    try:
+        from triton.runtime.driver import driver
+
+        return dict(driver.active.utils.get_device_properties(index))
+    except Exception:  # noqa: BLE001 - no Triton driver here: torch's properties alone
+        return {}
+
+
 @functools.cache
 def _device_target(index: int) -> GpuTarget:
     props = torch.cuda.get_device_properties(index)
-    shared = int(getattr(props, "shared_memory_per_block_optin", 0) or getattr(props, "shared_memory_per_block",
-                                                                               49152))
+    triton_props = _triton_device_properties(index)
+    shared = int(triton_props.get("max_shared_mem") or getattr(props, "shared_memory_per_block_optin", 0)
+                 or getattr(props, "shared_memory_per_block", 0) or 49152)
     if getattr(torch.version, "hip", None):
         arch = str(getattr(props, "gcnArchName", "gfx")).split(":")[0]
         known = TARGETS.get(arch)
-        return GpuTarget(arch, "amd", (0, 0), shared or (known.max_shared if known else 65536),
-                         props.multi_processor_count, tma=False, warp_size=64, description=props.name)
+        if not triton_props.get("max_shared_mem") and known is not None:
+            shared = known.max_shared  # torch's figure for ROCm is not the LDS a block may use
+        return GpuTarget(arch, "amd", (0, 0), shared, props.multi_processor_count, tma=False, warp_size=64,
+                         description=props.name)
     capability = (props.major, props.minor)
     return GpuTarget(f"sm_{props.major}{props.minor}", "nvidia", capability, shared, props.multi_processor_count,
                      tma=props.major in _TMA_MAJORS, description=props.name)

@@ -37,6 +37,7 @@ from ._contract import (
 )
 from ._launch import (
     interpreter_active,
+    is_fake,
     launch_counts,
     multiprocessors,
     triton_bwd,
@@ -122,8 +123,15 @@ def _fresh(t: torch.Tensor) -> torch.Tensor:
 
 
 def _draw_seed(dropout_p: float) -> int:
-    """A fresh Philox key from torch's CPU generator, so torch.manual_seed reproduces dropout."""
-    return int(torch.randint(0, 2**62, ()).item()) if dropout_p > 0 else 0
+    """A fresh Philox key from torch's CPU generator, so torch.manual_seed reproduces dropout.
+
+    Drawn outside any tensor mode: under FakeTensorMode the generator still advances and the
+    key is a real number (the one host value the forward reads; it is a CPU tensor, no sync).
+    """
+    if dropout_p == 0:
+        return 0
+    with torch.utils._python_dispatch._disable_current_modes():
+        return int(torch.randint(0, 2**62, ()).item())
 
 
 def _attn_fwd_impl(q, k, v, bias, alibi, cu_seqlens_q, cu_seqlens_k, *scalars):
@@ -150,7 +158,7 @@ def _(q, k, v, bias, alibi, cu_seqlens_q, cu_seqlens_k, *scalars):
 
 def _attn_bwd_impl(do, q, k, v, o, lse, dlse, bias, alibi, cu_seqlens_q, cu_seqlens_k, seed, need_dbias, *scalars):
     spec, seq = from_op_scalars(scalars, cu_seqlens_q, cu_seqlens_k)
-    if spec.dropout_p > 0:  # the seed is only read when there is dropout to regenerate
+    if spec.dropout_p > 0 and not is_fake(seed):  # read only when there is dropout to regenerate (and a value)
         spec = dataclasses.replace(spec, seed=int(seed.item()))
     dq, dk, dv, dbias = attn_bwd(*(_as_kernel_layout(t, seq.mode) for t in (do, q, k, v, o)), lse, dlse, bias,
                                  alibi, need_dbias, spec, seq)

@@ -307,3 +307,29 @@ def test_no_launch_site_has_a_single_candidate(target):
                     for desc in (False, True):
                         assert len(_config.candidates(kind, block_d, elem, gpu, desc, heavy)) >= 2, (kind, block_d)
     assert len(_config.PREPROCESS) >= 2
+
+
+def test_shared_memory_limit_from_tritons_driver(monkeypatch):
+    """torch before 2.6 has no shared_memory_per_block_optin: the limit comes from Triton's driver (what its
+    loader enforces), never from a 48 KB fallback that would refuse every large tile without a word."""
+    props = types.SimpleNamespace(multi_processor_count=132, name="NVIDIA H100", major=9, minor=0)  # torch 2.4's
+    monkeypatch.setattr(torch.version, "hip", None, raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: props)
+    monkeypatch.setattr(_targets, "_triton_device_properties",
+                        lambda index: {"max_shared_mem": 232448, "multiprocessor_count": 132})
+    _targets._device_target.cache_clear()
+    try:
+        gpu = _targets.device_target(torch.device("cuda", 0))
+    finally:
+        _targets._device_target.cache_clear()
+    assert (gpu.max_shared, gpu.tma, gpu.capability) == (232448, True, (9, 0))
+    assert _config.fwd_configs(128, 2, gpu) == _config.fwd_configs(128, 2, _targets.TARGETS["sm_90"])
+
+
+def test_dropout_on_fake_tensors():
+    """Dropout's seed is drawn from torch's CPU generator outside the fake mode; the backward does not read it
+    from a fake tensor."""
+    with FakeTensorMode(allow_non_fake_inputs=False), virtual_gpu("sm_90") as records:
+        q, k, v = (_rand(2, 8, 200, 64, device="cpu", requires_grad=True) for _ in range(3))
+        flashattn_py.scaled_dot_product_attention(q, k, v, dropout_p=0.1).sum().backward()
+    assert all(r.args["DROPOUT"] for r in records if r.name != "attn_bwd_preprocess")
