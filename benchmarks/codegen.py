@@ -38,17 +38,23 @@ from typing import Any
 
 import torch
 
+from flashattn_py._targets import TARGETS as _TARGETS
+
 from . import codegen_sass as sass_tools
 
 # triton 3.9 warns that its fp-fusion default will change; the report compiles with the default a launch gets
 warnings.filterwarnings("ignore", message="TRITON_DEFAULT_FP_FUSION is unset")
 
-ARCHS = {"sm_80": 80, "sm_90": 90, "sm_100": 100}
-# per-SM figures of the model: dense fp16/bf16 tensor FLOP per clock (A100 / H100 / B200 class), shared memory a
-# block may use (what a launch is refused above), SM count (only the decode split heuristic reads it)
-TENSOR_FLOP_PER_CLOCK = {80: 2048, 90: 4096, 100: 8192}
-MAX_SHARED = {80: 166912, 90: 232448, 100: 232448}
-SM_COUNT = {80: 108, 90: 132, 100: 148}
+ARCHS = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90, "sm_100": 100, "sm_120": 120}
+# per-SM figures of the model: dense fp16/bf16 tensor FLOP per clock with fp32 accumulate (what the kernels
+# use) and shared memory a block may use (the opt-in maximum: a launch is refused above it; from the launch
+# layer's targets, as are the SM counts). A100 / H100 / B200 class: 2048 / 4096 / 8192. The consumer parts (GA10x
+# RTX 3090, AD10x RTX 4090, GB20x RTX 5090) have 1024 FLOP/clk/SM of fp16 with fp16 accumulate, and GeForce
+# cards run fp32 accumulate at half that: 512 (e.g. RTX 4090: 165 dense TFLOPS = 128 SMs x 2.52 GHz x 512;
+# RTX 3090 71, RTX 5090 210 by the same count). The professional boards of the same chips (A10/A40, L40S,
+# RTX PRO 6000) run fp32 accumulate at the full 1024, so read their issue:tensor ratio as twice the figure here.
+TENSOR_FLOP_PER_CLOCK = {80: 2048, 86: 512, 89: 512, 90: 4096, 100: 8192, 120: 512}
+MAX_SHARED = {int(name[3:]): t.max_shared for name, t in _TARGETS.items() if name in ARCHS}  # flashattn_py._targets
 ISSUE_PER_CLOCK = 4  # warp-instructions an SM issues per clock (4 schedulers)
 EXP2_PER_CLOCK = 16  # MUFU exp2 results per SM per clock
 
@@ -70,64 +76,19 @@ MODEL = (
     "warp-instr/1K scores = instructions per iteration · num_warps · 1000 / (BLOCK_M·BLOCK_N·unroll). fp32 'ieee' "
     "kernels have no MMAs (tensor clocks n/a); tf32 runs at half the fp16 rate."
 )
-GPU_NAMES = {80: "A100-class", 90: "H100-class", 100: "B200-class"}
+GPU_NAMES = {80: "A100-class", 86: "RTX 3090-class, GeForce fp32 accumulate",
+             89: "RTX 4090-class, GeForce fp32 accumulate", 90: "H100-class", 100: "B200-class",
+             120: "RTX 5090-class, GeForce fp32 accumulate"}
 
 
 # --- the stand-in driver: Triton's JIT path, for a GPU that is not here ------------------------------------------
 
 
-class _Utils:
-    def __init__(self, arch: int):
-        self.arch = arch
+def target_driver(arch: int):
+    """Make Triton compile for `arch` (the launch layer's stand-in driver for the modelled GPU)."""
+    from flashattn_py import _targets
 
-    def get_device_properties(self, device) -> dict[str, int]:
-        return {"max_shared_mem": MAX_SHARED[self.arch], "multiprocessor_count": SM_COUNT[self.arch],
-                "max_num_regs": 65536, "warpSize": 32, "sm_clock_rate": 0, "mem_clock_rate": 0, "mem_bus_width": 0}
-
-
-class TargetDriver:
-    """What `JITFunction.run` asks the active driver, answered for one target; it compiles, never launches."""
-
-    def __init__(self, arch: int):
-        from triton.backends.compiler import GPUTarget
-
-        self.arch = arch
-        self.target = GPUTarget("cuda", arch, 32)
-        self.utils = _Utils(arch)
-
-    def get_current_target(self):
-        return self.target
-
-    def get_current_device(self) -> str:
-        return f"codegen-sm_{self.arch}"  # a device key of its own: the JIT caches per (kernel, device)
-
-    def set_current_device(self, device) -> None:
-        pass
-
-    def get_current_stream(self, device=None) -> int:
-        return 0
-
-    def get_device_capability(self, device=None) -> tuple[int, int]:
-        return divmod(self.arch, 10)
-
-    def get_active_torch_device(self):
-        return torch.device("cpu")
-
-    def is_active(self) -> bool:
-        return True
-
-
-@contextlib.contextmanager
-def target_driver(arch: int) -> Iterator[TargetDriver]:
-    from triton.runtime.driver import driver
-
-    saved = driver._active
-    stand_in = TargetDriver(arch)
-    driver.set_active(stand_in)
-    try:
-        yield stand_in
-    finally:
-        driver._active = saved
+    return _targets.stand_in_driver(_targets.TARGETS[f"sm_{arch}"])
 
 
 @contextlib.contextmanager

@@ -467,20 +467,17 @@ def _stream_descriptors(kind: str, q: torch.Tensor, seq: SeqLayout, *streamed: t
     Dense layout, 16-bit inputs, and what TMA needs: a 16-byte aligned base and non-zero
     strides that are multiples of 16 bytes (an expanded, stride-0 K/V keeps pointers:
     cuTensorMapEncodeTiled documents strides as multiples of 16 that describe distinct rows, and
-    we do not rely on the driver accepting 0). On a GPU only where the target has TMA (sm_90 and
-    later NVIDIA parts, never AMD); under the interpreter when
+    we do not rely on the driver accepting 0). On a GPU where `_config.stream_descriptors` takes
+    them (TMA and Hopper's shared memory: sm_90, sm_100; never AMD); under the interpreter when
     `_config.INTERPRETER_STREAM_DESCRIPTORS` is set (the tests run both paths). Paged caches,
     packed sequences, fp32 and older GPUs keep pointers.
     """
     if TensorDescriptor is None or seq.mode != SeqMode.DENSE or q.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if not _config.stream_descriptors(kind, _block_d(q.shape[3]), heavy_scores):
-        return False
     gpu = gpu_target(q)
-    if gpu is not None:
-        if not gpu.tma:
-            return False
-    elif not _config.INTERPRETER_STREAM_DESCRIPTORS:
+    if gpu is None and not _config.INTERPRETER_STREAM_DESCRIPTORS:
+        return False
+    if not _config.stream_descriptors(kind, _block_d(q.shape[3]), gpu, heavy_scores):
         return False
     elem = q.element_size()
     return all(_aligned16(t) and t.shape[3] * elem >= 16 and t.stride(3) == 1
@@ -647,7 +644,7 @@ def triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                                EVEN_M=_even(Sq, c.block_m, packed), EVEN_N=_even(Sk, c.block_n, packed),
                                num_row_blocks=triton.cdiv(max_k, c.block_n),
                                **_descriptor_args(qdo_desc, dict(Q_DESC=q, DO_DESC=do), c.block_m, block_d)),
-                _configs("dkdv", q, block_d, qdo_desc), gpu)
+                _configs("dkdv", q, block_d, qdo_desc, _heavy_scores(spec, bias)), gpu)
         kv_desc = _stream_descriptors("dq", q, seq, k, v)
         _launch("attn_bwd_dq", kernels._attn_bwd_dq,
                 dict(common, DQ=dq, **_rows("dq", dq, packed), **layout, STREAM_DESC=kv_desc),
@@ -655,7 +652,7 @@ def triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                 lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, EVEN_M=_even(Sq, c.block_m, packed),
                                num_row_blocks=triton.cdiv(max_q, c.block_m),
                                **_descriptor_args(kv_desc, dict(K_DESC=k, V_DESC=v), c.block_n, block_d)),
-                _configs("dq", q, block_d), gpu)
+                _configs("dq", q, block_d, heavy_scores=_heavy_scores(spec, bias)), gpu)
         if not virtual_gpu_active():
             launch_counts["attn_bwd_dkdv:descriptors"] += qdo_desc
             launch_counts["attn_bwd_dq:descriptors"] += kv_desc
@@ -677,7 +674,7 @@ def triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                     lambda c: (math.prod(dbias_tiles(c)) * dbias.shape[0] * dbias.shape[1],),
                     lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_row_blocks=dbias_tiles(c)[0],
                                    num_col_blocks=dbias_tiles(c)[1]),
-                    _configs("dq", q, block_d), gpu)
+                    _configs("dbias", q, block_d, heavy_scores=True), gpu)
     return dq, dk, dv, dbias
 
 

@@ -17,7 +17,8 @@ them give scalar loads and spills: not the code that runs).
 
 Checks: every kernel compiles; every 16-bit kernel except the preprocess has
 tensor-core MMAs in its SASS: HGMMA (wgmma) on sm_90, HMMA (mma.sync) on sm_80,
-tcgen05 (UTC*MMA) or HMMA on sm_100; a forward tile under 64 query rows (decode)
+tcgen05 (UTC*MMA) or HMMA on sm_100, HMMA on sm_86 / sm_89 / sm_120 (consumer parts:
+no wgmma, no tcgen05); a forward tile under 64 query rows (decode)
 may use HMMA anywhere, as wgmma and tcgen05 need 64. Prints one line per kernel and exits 1 on
 any failure. TRITON_INTERPRET must be unset.
 """
@@ -36,7 +37,11 @@ from benchmarks import codegen  # noqa: E402
 from benchmarks import codegen_sass as sass_tools  # noqa: E402
 
 # what a 16-bit kernel's SASS must contain, per target
-REQUIRED_MMA = {"sm_90": ("HGMMA",), "sm_80": ("HMMA",), "sm_100": ("UTCHMMA", "UTCQMMA", "UTCMMA", "HMMA")}
+# (sm_86 / sm_89 / sm_120: the consumer parts have mma.sync only; sm_120 has TMA but neither wgmma nor tcgen05)
+REQUIRED_MMA = {"sm_80": ("HMMA",), "sm_86": ("HMMA",), "sm_89": ("HMMA",), "sm_90": ("HGMMA",),
+                "sm_100": ("UTCHMMA", "UTCQMMA", "UTCMMA", "HMMA"), "sm_120": ("HMMA",)}
+# the CUDA release whose ptxas first targets an arch (sm_100a and sm_120a: CUDA 12.8)
+MIN_PTXAS = {"sm_100": (12, 8), "sm_120": (12, 8)}
 # a forward tile of fewer than 64 query rows (the decode configs) cannot use wgmma / tcgen05: mma.sync is right there
 SMALL_M_MMA = ("HMMA",)
 
@@ -49,25 +54,36 @@ def required_mma(arch: str, entry: dict) -> tuple[str, ...]:
 COMPACT = ("fp16 D128 causal", "bf16 D64", "bf16 D256 causal")
 
 
-def supports(arch: str) -> bool:
-    """Whether this triton's bundled ptxas can target `arch` (sm_100 needs CUDA 12.8 or newer)."""
-    if arch != "sm_100":
-        return True
+def _ptxas_for(arch: int) -> str:
+    """The ptxas this triton compiles `arch` with (triton 3.9: ptxas-blackwell from sm_90 on), by path."""
     try:
-        sass_tools.tool("ptxas-blackwell")
-        return True
-    except FileNotFoundError:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return get_ptxas(arch).path
+    except (ImportError, AttributeError, RuntimeError):  # older triton: the newest bundled ptxas
         pass
+    for name in ("ptxas-blackwell", "ptxas") if arch >= 100 else ("ptxas",):
+        try:
+            return sass_tools.tool(name)
+        except FileNotFoundError:
+            continue
+    raise FileNotFoundError("no ptxas")
+
+
+def supports(arch: str) -> bool:
+    """Whether this triton's bundled ptxas can target `arch` (sm_100 and sm_120 need CUDA 12.8 or newer)."""
+    if arch not in MIN_PTXAS:
+        return True
     try:
-        out = subprocess.run([sass_tools.tool("ptxas"), "--version"], capture_output=True, text=True).stdout
-    except FileNotFoundError:
+        out = subprocess.run([_ptxas_for(codegen.ARCHS[arch]), "--version"], capture_output=True, text=True).stdout
+    except (FileNotFoundError, OSError):
         return False
     release = out.rsplit("release", 1)[-1].split(",")[0].strip()
     try:
         major, minor = (int(x) for x in release.split(".")[:2])
     except ValueError:
         return False
-    return (major, minor) >= (12, 8)
+    return (major, minor) >= MIN_PTXAS[arch]
 
 
 def check_variants(full: bool, dense_only: bool = False) -> list[codegen.Variant]:

@@ -98,6 +98,7 @@ CASES: dict[str, Callable[[], None]] = {
     "bf16 D128 decode, 3 splits": decode(3, False),
     "fp16 D64 decode, default splits": decode(0, False, torch.float16, 64),
     "bf16 D128 paged decode, default splits": decode(0, True),
+    "bf16 D256 decode, default splits": decode(0, False, torch.bfloat16, 256),
     "fp32 D128": dense(128, torch.float32, False),
 }
 

@@ -31,7 +31,7 @@ def descriptors(monkeypatch):
         block_d = max(16, 1 << (head_dim - 1).bit_length())
         for name, (launches, with_descriptors) in before.items():
             assert ops.launch_counts[name] > launches, f"{name} did not run"
-            expected = used and _config.stream_descriptors(passes[name], block_d, heavy_scores)
+            expected = used and _config.stream_descriptors(passes[name], block_d, None, heavy_scores)
             assert (ops.launch_counts[f"{name}:descriptors"] > with_descriptors) == expected, name
 
     return check

@@ -192,14 +192,16 @@ def test_default_split_k_decode_on_every_target(target):
 
 
 def test_split_k_tries_every_decode_config(monkeypatch):
-    """When the first decode config does not fit, the next one runs, with a split length of its own block."""
-    first, second = _config.decode_configs(128, 2, _targets.TARGETS["sm_89"])[:2]
-    assert first.block_n != second.block_n
+    """When the first decode configs do not fit, the next one runs, with a split length of its own block."""
+    table = _config.decode_configs(128, 2, _targets.TARGETS["sm_89"])
+    too_big = table[0].block_n
+    fitting = next(c for c in table if c.block_n != too_big)
     compiled_for = []
 
     def fake_compile(kernel, grid, args, cfg, gpu, virtual):
         compiled_for.append(cfg)
-        return types.SimpleNamespace(metadata=types.SimpleNamespace(shared=gpu.max_shared + (cfg == first)))
+        shared = gpu.max_shared + 1 if cfg.block_n == too_big else gpu.max_shared
+        return types.SimpleNamespace(metadata=types.SimpleNamespace(shared=shared))
 
     monkeypatch.setattr(_launch, "_compile", fake_compile)
     with FakeTensorMode(), virtual_gpu("sm_89", compile=True) as records:
@@ -208,9 +210,10 @@ def test_split_k_tries_every_decode_config(monkeypatch):
         flashattn_py.attention_with_kvcache(q, cache, cache, torch.tensor([4000], dtype=torch.int32, device="cuda"),
                                             num_splits=3)
     (record,) = records
-    assert compiled_for[:2] == [first, second] and record.config == second
+    assert compiled_for[:table.index(fitting) + 1] == table[:table.index(fitting) + 1]
+    assert record.config == fitting and record.refused == tuple(table[:table.index(fitting)])
     per_split = -(-4096 // 3)
-    assert record.args["split_len"] == -(-per_split // second.block_n) * second.block_n
+    assert record.args["split_len"] == -(-per_split // fitting.block_n) * fitting.block_n
 
 
 # --- devices, descriptors, ROCm -----------------------------------------------------------------------------------
