@@ -24,7 +24,8 @@ def _program_ids(num_row_blocks):
     its own. Neighbouring programs are row blocks of one head, so they share its K/V in L2.
     """
     pid = tl.program_id(0)
-    return pid % num_row_blocks, pid // num_row_blocks
+    bh = pid // num_row_blocks
+    return pid - bh * num_row_blocks, bh
 
 
 @triton.jit
