@@ -306,6 +306,20 @@ def _check_grid(name: str, grid: tuple[int, ...], gpu: GpuTarget | None, cfg: _c
     return grid
 
 
+# B * H (or dBias's tiles) above this go on grid axis 0 with the row blocks (FLAT_GRID): CUDA allows 65,535
+# on axes 1 and 2. Tests lower it to run the flat grids on small problems.
+FLAT_GRID_ABOVE = _targets.MAX_GRID_YZ
+
+
+def _flat(*axes: int) -> bool:
+    return any(n > FLAT_GRID_ABOVE for n in axes)
+
+
+def _rows_grid(row_blocks: int, heads: int, flat: bool, *rest: int) -> tuple[int, ...]:
+    """(row blocks, heads, *rest), or (row blocks * heads, *rest) when flat (`kernels.tiles._program_ids`)."""
+    return (row_blocks * heads, *rest) if flat else (row_blocks, heads, *rest)
+
+
 def _compile(kernel, grid: tuple, args: dict[str, Any], cfg: _config.KernelConfig, gpu: GpuTarget, virtual: bool):
     """The CompiledKernel `kernel[grid](**args)` builds for `gpu`, compiled, not launched (None if Triton's
     JIT hands back none: a cache hook that took over, say)."""
@@ -568,7 +582,7 @@ def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
         DOT_PRECISION=_dot_precision(q.dtype),
         # scores that are scale * q k^T and nothing else: the unmasked stage folds the scale into exp2
         PLAIN_SCORES=spec.softcap == 0 and alibi is None and spec.bias_kind == BiasKind.NONE,
-        NEG_SCALE=spec.scale < 0, STREAM_DESC=_stream_descriptors("fwd", q, seq, k, v),
+        NEG_SCALE=spec.scale < 0, STREAM_DESC=_stream_descriptors("fwd", q, seq, k, v), FLAT_GRID=_flat(B * H),
     )
 
     def per_config(c: _config.KernelConfig) -> dict[str, Any]:
@@ -580,7 +594,8 @@ def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
                     **_descriptor_args(args["STREAM_DESC"], dict(K_DESC=k, V_DESC=v), c.block_n, block_d))
 
     with _device_of(q):
-        _launch("attn_fwd", kernels._attn_fwd, args, lambda c: (triton.cdiv(max_q, c.block_m) * B * H, splits),
+        _launch("attn_fwd", kernels._attn_fwd, args,
+                lambda c: _rows_grid(triton.cdiv(max_q, c.block_m), B * H, args["FLAT_GRID"], splits),
                 per_config, configs, gpu)
     if args["STREAM_DESC"] and not virtual_gpu_active():
         launch_counts["attn_fwd:descriptors"] += 1
@@ -631,15 +646,16 @@ def triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     with _device_of(q):
         _launch("attn_bwd_preprocess", kernels._attn_bwd_preprocess,
                 dict(O=o, DO=do, DLSE=dlse, DELTA=delta, **_rows("o", o), **_rows("do", do), num_heads=H,
-                     seqlen_q=Sq, HEAD_DIM=D, BLOCK_D=block_d, HAS_DLSE=dlse is not None, EVEN_D=block_d == D),
-                lambda c: (triton.cdiv(Sq, c.block_m) * pre_batch * H,),
+                     seqlen_q=Sq, HEAD_DIM=D, BLOCK_D=block_d, HAS_DLSE=dlse is not None, EVEN_D=block_d == D,
+                     FLAT_GRID=_flat(pre_batch * H)),
+                lambda c: _rows_grid(triton.cdiv(Sq, c.block_m), pre_batch * H, _flat(pre_batch * H)),
                 lambda c: dict(BLOCK_M=c.block_m, EVEN_M=Sq % c.block_m == 0,
                                num_row_blocks=triton.cdiv(Sq, c.block_m)), pre, gpu)
         qdo_desc = _stream_descriptors("dkdv", q, seq, q, do, heavy_scores=_heavy_scores(spec, bias))
         _launch("attn_bwd_dkdv", kernels._attn_bwd_dkdv,
                 dict(common, DK=dk, DV=dv, **_rows("dk", dk, packed, "n"), **_rows("dv", dv, packed, "n"), **layout,
-                     STREAM_DESC=qdo_desc),
-                lambda c: (triton.cdiv(max_k, c.block_n) * B * H_kv,),
+                     STREAM_DESC=qdo_desc, FLAT_GRID=_flat(B * H_kv)),
+                lambda c: _rows_grid(triton.cdiv(max_k, c.block_n), B * H_kv, _flat(B * H_kv)),
                 lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, MASKED_BLOCK_M=c.masked_rows,
                                EVEN_M=_even(Sq, c.block_m, packed), EVEN_N=_even(Sk, c.block_n, packed),
                                num_row_blocks=triton.cdiv(max_k, c.block_n),
@@ -647,8 +663,8 @@ def triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                 _configs("dkdv", q, block_d, qdo_desc, _heavy_scores(spec, bias)), gpu)
         kv_desc = _stream_descriptors("dq", q, seq, k, v)
         _launch("attn_bwd_dq", kernels._attn_bwd_dq,
-                dict(common, DQ=dq, **_rows("dq", dq, packed), **layout, STREAM_DESC=kv_desc),
-                lambda c: (triton.cdiv(max_q, c.block_m) * B * H,),
+                dict(common, DQ=dq, **_rows("dq", dq, packed), **layout, STREAM_DESC=kv_desc, FLAT_GRID=_flat(B * H)),
+                lambda c: _rows_grid(triton.cdiv(max_q, c.block_m), B * H, _flat(B * H)),
                 lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, EVEN_M=_even(Sq, c.block_m, packed),
                                num_row_blocks=triton.cdiv(max_q, c.block_m),
                                **_descriptor_args(kv_desc, dict(K_DESC=k, V_DESC=v), c.block_n, block_d)),
@@ -670,8 +686,16 @@ def triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             def dbias_tiles(c: _config.KernelConfig) -> tuple[int, int]:
                 return (1 if bcast[2] else triton.cdiv(Sq, c.block_m)), (1 if bcast[3] else triton.cdiv(Sk, c.block_n))
 
-            _launch("attn_bwd_dbias", kernels._attn_bwd_dbias, args,
-                    lambda c: (math.prod(dbias_tiles(c)) * dbias.shape[0] * dbias.shape[1],),
+            bias_heads = dbias.shape[0] * dbias.shape[1]
+            # column tiles on axis 1 pass 65,535 only past S = 2**21 even at BLOCK_N = 32: the smallest block is
+            # the bound; past it (or past 65,535 bias heads) the grid is flat
+            args["FLAT_GRID"] = _flat(bias_heads, 1 if bcast[3] else triton.cdiv(Sk, 16))
+
+            def dbias_grid(c: _config.KernelConfig) -> tuple[int, ...]:
+                m_tiles, n_tiles = dbias_tiles(c)
+                return (m_tiles * n_tiles * bias_heads,) if args["FLAT_GRID"] else (m_tiles, n_tiles, bias_heads)
+
+            _launch("attn_bwd_dbias", kernels._attn_bwd_dbias, args, dbias_grid,
                     lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_row_blocks=dbias_tiles(c)[0],
                                    num_col_blocks=dbias_tiles(c)[1]),
                     _configs("dbias", q, block_d, heavy_scores=True), gpu)

@@ -48,10 +48,10 @@ def _attn_bwd_preprocess(
     stride_dob, stride_doh, stride_dom,
     num_heads, seqlen_q, num_row_blocks,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-    HAS_DLSE: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr,
+    HAS_DLSE: tl.constexpr, EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, FLAT_GRID: tl.constexpr,
 ):
     """DELTA[b, h, i] = sum_d O[b, h, i, d] * dO[b, h, i, d] - dLSE[b, h, i] (float32, contiguous)."""
-    pid_m, pid_bh = _program_ids(num_row_blocks)
+    pid_m, pid_bh = _program_ids(num_row_blocks, FLAT_GRID)
     b64 = tl.cast(pid_bh // num_heads, tl.int64)
     h64 = tl.cast(pid_bh % num_heads, tl.int64)
     start_m = pid_m * BLOCK_M
@@ -176,14 +176,14 @@ def _attn_bwd_dkdv(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, SEQ_MODE: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    STREAM_DESC: tl.constexpr, MASKED_BLOCK_M: tl.constexpr,
+    STREAM_DESC: tl.constexpr, MASKED_BLOCK_M: tl.constexpr, FLAT_GRID: tl.constexpr,
 ):
     """dK, dV for BLOCK_N keys of one (sequence, K/V head), streaming the query blocks that see them.
 
     Under GQA the kv_group query heads sharing this K/V head are summed here, in
-    a fixed order: deterministic, no atomics. Grid: (key blocks * sequences * H_kv,), key blocks fastest.
+    a fixed order: deterministic, no atomics. Grid: (key blocks, sequences * H_kv), flat on axis 0 with FLAT_GRID.
     """
-    pid_n, pid_bhkv = _program_ids(num_row_blocks)
+    pid_n, pid_bhkv = _program_ids(num_row_blocks, FLAT_GRID)
     num_kv_heads = num_heads // kv_group
     off_b = pid_bhkv // num_kv_heads
     off_hkv = pid_bhkv % num_kv_heads
@@ -295,12 +295,13 @@ def _attn_bwd_dq(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, SEQ_MODE: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, STREAM_DESC: tl.constexpr,
+    FLAT_GRID: tl.constexpr,
 ):
     """dQ for BLOCK_M queries of one (sequence, head), streaming the key blocks they see.
 
-    Grid: (query blocks * sequences * heads,), query blocks fastest.
+    Grid: (query blocks, sequences * heads), flat on axis 0 with FLAT_GRID.
     """
-    pid_m, pid_bh = _program_ids(num_row_blocks)
+    pid_m, pid_bh = _program_ids(num_row_blocks, FLAT_GRID)
     off_b = pid_bh // num_heads
     off_h = pid_bh % num_heads
     q_start, k_start, sq, sk, off = _seq_bounds(CU_Q, CU_K, CU_K, off_b, seqlen_q, seqlen_k, offset, SEQ_MODE)
@@ -375,17 +376,23 @@ def _attn_bwd_dbias(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     DROPOUT: tl.constexpr,
     BCAST_B: tl.constexpr, BCAST_H: tl.constexpr, BCAST_M: tl.constexpr, BCAST_N: tl.constexpr,
-    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr, FLAT_GRID: tl.constexpr,
 ):
     """One tile of dBias = dS, summed over the dims the bias broadcasts along (BCAST_*).
 
-    DBIAS is float32 with size 1 on broadcast dims. The grid is (row tiles *
-    column tiles * DBIAS's batch*heads,), row tiles fastest; a broadcast dim is looped over inside the
-    program, so every element is a fixed-order sum: deterministic. Dense layout only.
+    DBIAS is float32 with size 1 on broadcast dims. The grid is (row tiles, column tiles,
+    DBIAS's batch*heads), or all three on axis 0 with FLAT_GRID, row tiles fastest; a broadcast dim
+    is looped over inside the program, so every element is a fixed-order sum: deterministic. Dense
+    layout only.
     """
-    pid_m, pid_rest = _program_ids(num_row_blocks)
-    pid_n = pid_rest % num_col_blocks
-    pid_bh = pid_rest // num_col_blocks
+    if FLAT_GRID:
+        pid_m, pid_rest = _program_ids(num_row_blocks, FLAT_GRID)
+        pid_n = pid_rest % num_col_blocks
+        pid_bh = pid_rest // num_col_blocks
+    else:
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        pid_bh = tl.program_id(2)
     out_heads = 1 if BCAST_H else num_heads
     out_b = pid_bh // out_heads
     out_h = pid_bh % out_heads

@@ -165,18 +165,22 @@ def _attn_fwd(
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, SEQ_MODE: tl.constexpr, PAGED: tl.constexpr,
     EVEN_M: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    PLAIN_SCORES: tl.constexpr, NEG_SCALE: tl.constexpr, STREAM_DESC: tl.constexpr,
+    PLAIN_SCORES: tl.constexpr, NEG_SCALE: tl.constexpr, STREAM_DESC: tl.constexpr, FLAT_GRID: tl.constexpr,
 ):
     """O = softmax(scores) V and LSE = natural log-sum-exp of the scores, per query row.
 
-    Grid: (query blocks * sequences * heads, splits), query blocks fastest (`_program_ids`). Query i sees key j iff
+    Grid: (query blocks, sequences * heads, splits), or (query blocks * sequences * heads, splits)
+    with FLAT_GRID (`_program_ids`). Query i sees key j iff
     i + offset - window_left <= j <= i + offset + window_right (absent bounds when
     HAS_LEFT / HAS_RIGHT are off; causal is window_right = 0). Rows that see no
     key get O = 0 and LSE = -inf. With dropout, O is (P ∘ keep) V / (1 - p) and
     LSE is that of the undropped P. Split s covers keys [s * split_len, (s + 1) * split_len).
     """
-    pid_m, pid_bh = _program_ids(num_row_blocks)
-    pid_s = tl.program_id(1)
+    pid_m, pid_bh = _program_ids(num_row_blocks, FLAT_GRID)
+    if FLAT_GRID:
+        pid_s = tl.program_id(1)
+    else:
+        pid_s = tl.program_id(2)
     off_b = pid_bh // num_heads
     off_h = pid_bh % num_heads
     start_m = pid_m * BLOCK_M

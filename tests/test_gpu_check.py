@@ -50,13 +50,14 @@ def _check_records(step, records) -> None:
     if isinstance(step, gpu_check.DecodeCase):
         sms = _targets.TARGETS["sm_90"].multiprocessors
         splits = _config.auto_splits(sms, step.batch * step.heads, step.cache_len)
-        assert splits > 1 and fwd.grid[1] == splits, "the decode case must time split-K, the default"
+        assert splits > 1 and fwd.grid[-1] == splits, "the decode case must time split-K, the default"
         assert fwd.args["kv_group"] == step.heads // step.heads_kv
     else:
         case = step.case
         assert (fwd.args["num_heads"], fwd.args["seqlen_q"], fwd.args["seqlen_k"], fwd.args["HEAD_DIM"]) == (
             case.heads, case.seqlen_q, case.seqlen_k, case.head_dim)
-        assert fwd.grid[0] == fwd.args["num_row_blocks"] * case.batch * case.heads
+        programs = fwd.grid[0] * (1 if fwd.args["FLAT_GRID"] else fwd.grid[1])
+        assert programs == fwd.args["num_row_blocks"] * case.batch * case.heads
         assert (fwd.args["window_right"] == 0) == case.causal
         assert fwd.args["STREAM_DESC"], "bf16 dense inputs on sm_90 stream K/V through TMA descriptors"
 

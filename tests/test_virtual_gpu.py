@@ -186,7 +186,7 @@ def test_default_split_k_decode_on_every_target(target):
         flashattn_py.attention_with_kvcache(q, cache, cache, torch.tensor([4000], dtype=torch.int32, device="cuda"))
     (record,) = records
     splits = _config.auto_splits(gpu.multiprocessors, 32, 4096)
-    assert splits > 1 and record.grid[1] == splits
+    assert splits > 1 and record.grid[-1] == splits and not record.args["FLAT_GRID"]
     assert record.args["split_len"] % record.config.block_n == 0 and record.args["split_len"] * splits >= 4096
     assert record.config == _config.decode_configs(128, 2, gpu)[0]
 
@@ -336,3 +336,42 @@ def test_dropout_on_fake_tensors():
         q, k, v = (_rand(2, 8, 200, 64, device="cpu", requires_grad=True) for _ in range(3))
         flashattn_py.scaled_dot_product_attention(q, k, v, dropout_p=0.1).sum().backward()
     assert all(r.args["DROPOUT"] for r in records if r.name != "attn_bwd_preprocess")
+
+
+def _every_pass(device):
+    """Forward + backward of attention (GQA, causal), SDPA with a float mask's gradient (the dBias pass),
+    varlen and split-K decode: every kernel and grid layout, small enough for the interpreter."""
+    gen = torch.Generator().manual_seed(5)
+
+    def rand(*shape, grad=True):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=torch.float16).requires_grad_(grad)
+
+    q, k, v, do = rand(2, 4, 37, 32), rand(2, 2, 45, 32), rand(2, 2, 45, 32), rand(2, 4, 37, 32, grad=False)
+    out = flashattn_py.attention(q, k, v, causal="bottom_right")
+    results = [out, *torch.autograd.grad(out, (q, k, v), do)]
+    mask = rand(2, 4, 37, 45)
+    out = flashattn_py.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                    attn_mask=mask)
+    results += [out, *torch.autograd.grad(out, (q, mask), do)]
+    cu = torch.tensor([0, 5, 30, 31], dtype=torch.int32, device=device)
+    qp, kp, vp = (rand(40, 2, 16) for _ in range(3))
+    out = flashattn_py.attention_varlen(qp, kp, vp, cu, cu, 25, 25, causal=True)
+    results += [out, *torch.autograd.grad(out.sum(), (qp, kp, vp))]
+    lens = torch.tensor([40, 3], dtype=torch.int32, device=device)
+    results.append(flashattn_py.attention_with_kvcache(q.detach()[:, :, :2], k.detach(), v.detach(), lens,
+                                                       num_splits=3))
+    return results
+
+
+def test_flat_grids_compute_the_same(device, triton_ran, monkeypatch):
+    """The flat grid (B * H on axis 0, taken past 65,535) gives bit-identical results to the two-axis one in
+    every pass; forced here on small problems by lowering the threshold."""
+    two_axis = _every_pass(device)
+    monkeypatch.setattr(_launch, "FLAT_GRID_ABOVE", 0)
+    with virtual_gpu("sm_90") as records:  # the flag the launcher sets, seen in the launches it would make
+        _every_pass(device)
+    assert records and all(r.args["FLAT_GRID"] for r in records)
+    flat = _every_pass(device)
+    for i, (a, b) in enumerate(zip(two_axis, flat, strict=True)):
+        assert torch.equal(a, b), i
+    triton_ran("attn_fwd", "attn_bwd_preprocess", "attn_bwd_dkdv", "attn_bwd_dq", "attn_bwd_dbias")
