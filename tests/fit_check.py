@@ -85,6 +85,18 @@ def decode(num_splits: int, paged: bool, dtype: torch.dtype = torch.bfloat16, D:
     return run
 
 
+def flat_grid_dense():
+    """B * H = 65,600 > 65,535: the FLAT_GRID kernels (uninitialised inputs: nothing runs, nothing is read)."""
+    q, k, v = (torch.empty(4100, 16, 16, 64, dtype=torch.float16).requires_grad_() for _ in range(3))
+    _fwd_bwd(flashattn_py.attention(q, k, v, causal=True))
+
+
+def flat_grid_decode():
+    q = torch.empty(1024, 64, 1, 128, dtype=torch.bfloat16)
+    cache = torch.empty(1024, 8, 256, 128, dtype=torch.bfloat16)
+    flashattn_py.attention_with_kvcache(q, cache, cache, torch.full((1024,), 200, dtype=torch.int32))
+
+
 CASES: dict[str, Callable[[], None]] = {
     "fp16 D64 causal": dense(64, torch.float16, True),
     "fp16 D128": dense(128, torch.float16, False),
@@ -100,6 +112,8 @@ CASES: dict[str, Callable[[], None]] = {
     "bf16 D128 paged decode, default splits": decode(0, True),
     "bf16 D256 decode, default splits": decode(0, False, torch.bfloat16, 256),
     "fp32 D128": dense(128, torch.float32, False),
+    "fp16 D64 causal, B*H 65,600 (flat grid)": flat_grid_dense,
+    "bf16 D128 decode B1024 H64 (flat grid)": flat_grid_decode,
 }
 
 

@@ -19,4 +19,4 @@ HALVES = (["sm_90", "sm_86", "sm_120"], ["sm_80", "sm_89", "sm_100"])
 def test_every_target_fits_on_first_choice():
     stdout = run_in_parallel("fit_check.py", [["--target", *half] for half in HALVES])
     for target in (t for half in HALVES for t in half):
-        assert stdout.count(f"ok   {target:6s} ") >= 40 or f"skip {target}" in stdout, (target, stdout[-4000:])
+        assert stdout.count(f"ok   {target:6s} ") >= 46 or f"skip {target}" in stdout, (target, stdout[-4000:])
