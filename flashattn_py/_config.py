@@ -154,6 +154,11 @@ _TABLES: dict[str, dict[tuple[str, str], list[KernelConfig]]] = {
 }
 
 
+def _without_128x128(configs: list[KernelConfig]) -> list[KernelConfig]:
+    """A forward with a bias tile or dropout: the 128x128 tiles no longer fit (295 KB at D=128 on Hopper)."""
+    return [c for c in configs if c.block_m * c.block_n < 128 * 128] or configs
+
+
 def _table(kind: str, block_d: int, elem_bytes: int, gpu: GpuTarget, heavy_scores: bool) -> list[KernelConfig]:
     """A "small" / "medium" GPU's candidates; heavy lists where measured, else the plain one (fwd without its
     128x128 tiles, too large with a bias tile)."""
@@ -164,9 +169,7 @@ def _table(kind: str, block_d: int, elem_bytes: int, gpu: GpuTarget, heavy_score
     if heavy_scores and (kind, f"{bucket} heavy") in table:
         return table[(kind, f"{bucket} heavy")]
     configs = table[(kind, bucket)]
-    if heavy_scores and kind == "fwd":
-        return [c for c in configs if c.block_m * c.block_n < 128 * 128] or configs
-    return configs
+    return _without_128x128(configs) if heavy_scores and kind == "fwd" else configs
 
 
 def fwd_configs(block_d: int, elem_bytes: int, gpu: GpuTarget, heavy_scores: bool = False) -> list[KernelConfig]:
@@ -190,9 +193,7 @@ def fwd_configs(block_d: int, elem_bytes: int, gpu: GpuTarget, heavy_scores: boo
         configs = _configs("128x128 8/3", "128x64 8/3", "64x64 4/2", "32x32 4/1")
     else:
         configs = _configs("128x64 8/2", "64x64 8/2", "64x32 4/2", "32x32 4/1", "16x16 4/1")
-    if heavy_scores:
-        return [c for c in configs if c.block_m * c.block_n < 128 * 128] or configs
-    return configs
+    return _without_128x128(configs) if heavy_scores else configs
 
 
 def dkdv_configs(block_d: int, elem_bytes: int, gpu: GpuTarget, descriptors: bool = False,

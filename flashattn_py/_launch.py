@@ -27,6 +27,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from torch._subclasses import fake_tensor as _fake_tensor
 
 from . import _config, _targets
 from ._contract import DENSE, AttnSpec, BiasKind, SeqLayout, SeqMode
@@ -241,7 +242,8 @@ def _configs(kind: str, q: torch.Tensor, block_d: int, descriptors: bool = False
 
 
 def is_fake(t: torch.Tensor) -> bool:
-    return type(t).__name__ == "FakeTensor"
+    """A FakeTensor, or a functional / wrapper subclass around one (torch.export): no values, no address."""
+    return bool(_fake_tensor.is_fake(t))
 
 
 def _aligned16(t: torch.Tensor) -> bool:

@@ -8,10 +8,7 @@ import numbers
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-try:
-    from torch._subclasses import fake_tensor as _fake_tensor
-except ImportError:  # pragma: no cover - every supported torch has it
-    _fake_tensor = None
+from ._launch import is_fake
 
 
 class InputError(ValueError, RuntimeError):
@@ -154,11 +151,6 @@ def _compiling() -> bool:
     return bool(compiler is not None and hasattr(compiler, "is_compiling") and compiler.is_compiling())
 
 
-def _is_fake(t: torch.Tensor) -> bool:
-    """A FakeTensor, or a functional / wrapper subclass around one (torch.export)."""
-    return _fake_tensor is not None and bool(_fake_tensor.is_fake(t))
-
-
 def _capturing_cuda_graph(t: torch.Tensor) -> bool:
     # is_initialized() first: without a CUDA context no stream can be capturing, and asking the stream
     # would initialise CUDA (or fail on a CPU-only build)
@@ -173,7 +165,7 @@ def values_unreadable(t: torch.Tensor) -> bool:
     tensor while the current stream captures a CUDA graph (a device-to-host sync is illegal
     during capture). Cheap: it never initialises CUDA.
     """
-    return _compiling() or t.device.type == "meta" or _is_fake(t) or _capturing_cuda_graph(t)
+    return _compiling() or t.device.type == "meta" or is_fake(t) or _capturing_cuda_graph(t)
 
 
 def check_cu_seqlens(cu: object, name: str, total: int, max_seqlen: object, device: torch.device) -> int:
