@@ -11,9 +11,12 @@ saves them; this process checks them with the project's numerics rule
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import copy
 import math
 import os
+import sys
 import tempfile
 import time
 import traceback
@@ -148,6 +151,91 @@ def _faults(group, rank: int, world: int) -> dict[str, str]:
     return found
 
 
+@contextlib.contextmanager
+def _counting():
+    """Count, during the block: shape agreements, collectives, and host reads made by flashattn_py.distributed."""
+    import torch.distributed as dist
+
+    import flashattn_py.distributed._agreement as agreement
+
+    counts: collections.Counter = collections.Counter()
+    patched = []
+
+    def count(owner, name: str, what: str, ours_only: bool = False) -> None:
+        original = getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            caller = sys._getframe(1).f_globals.get("__name__", "")
+            if not ours_only or caller.startswith("flashattn_py.distributed"):
+                counts[what] += 1
+            return original(*args, **kwargs)
+
+        patched.append((owner, name, original, name in vars(owner)))
+        setattr(owner, name, counted)
+
+    count(agreement, "_agree", "agreements")
+    for name in ("all_gather", "all_gather_into_tensor", "all_reduce", "broadcast", "barrier"):
+        count(dist, name, "collectives")
+    for name in ("cpu", "tolist", "item", "__bool__", "__int__", "__float__", "__index__"):
+        count(torch.Tensor, name, "host_reads", ours_only=True)
+    try:
+        yield counts
+    finally:
+        for owner, name, original, own in reversed(patched):
+            if own:
+                setattr(owner, name, original)
+            else:
+                delattr(owner, name)
+
+
+def _agreement_reuse(group, rank: int, world: int) -> dict:
+    """Agreements, collectives and host reads of a sequence of calls (one signature of its own: H 3, D 6)."""
+
+    def call(S: int, *, causal: bool = True, seq_len: int | None = None, restride: bool = False,
+             grad: bool = False) -> dict:
+        gen = torch.Generator().manual_seed(S)
+        full = [torch.randn(1, 3, S, 6, generator=gen) for _ in range(3)]
+        shard = [shard_sequence(t, rank, world) for t in full]
+        if restride:  # the same values with other strides: not part of the signature
+            shard = [t.transpose(2, 3).contiguous().transpose(2, 3) for t in shard]
+        shard = [t.requires_grad_(grad) for t in shard]
+        with _counting() as counts:
+            out = ring_attention(*shard, causal=causal, group=group, seq_len=seq_len)
+        full = [t.requires_grad_(grad) for t in full]
+        ref = attention(*full, causal=causal)
+        ok = torch.allclose(out, shard_sequence(ref, rank, world), atol=1e-5, rtol=1e-5)
+        if grad:
+            do = torch.randn(out.shape, generator=gen)
+            mine = torch.autograd.grad(out, shard, do)
+            do_full = unshard_sequence([do] if world == 1 else _gathered(do, group, world), world)
+            theirs = torch.autograd.grad(ref, full, do_full)
+            ok &= all(torch.allclose(a, shard_sequence(b, rank, world), atol=1e-5, rtol=1e-5)
+                      for a, b in zip(mine, theirs, strict=True))
+        return {"counts": dict(counts), "ok": bool(ok)}
+
+    return {
+        "first": call(12),
+        "again": call(12, restride=True),
+        "grad": call(12, grad=True),  # needs_grad is part of the signature
+        "grad_again": call(12, grad=True),
+        "options": call(12, causal=False),
+        "options_again": call(12, causal=False),
+        "every_shard_longer": call(16),  # 12 -> 16 tokens: shards 6, 6 -> 8, 8
+        "back": call(12),  # without seq_len a signature keeps its last agreement only
+        "seq_len_8": call(8, seq_len=8),
+        "seq_len_9": call(9, seq_len=9),  # shards 4, 4 -> 5, 4: rank 1's is unchanged
+        "seq_len_8_again": call(8, seq_len=8),
+        "seq_len_9_again": call(9, seq_len=9),
+    }
+
+
+def _gathered(x: torch.Tensor, group, world: int) -> list[torch.Tensor]:
+    """Every rank's shard of x (all ranks' shards have equal shapes here)."""
+    parts = [torch.empty_like(x) for _ in range(world)]
+    torch.distributed.all_gather(parts, x.contiguous(), group=group)
+    return parts
+
+
 def _gpt_training(group, rank: int, world: int) -> dict:
     """The reference GPT on sharded tokens vs one process on the whole batch: losses and gradients per step."""
     import torch.nn.functional as F
@@ -210,6 +298,7 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
             if p == 2:
                 res["faults"] = _faults(group, me, p)
                 res["gpt"] = _guarded(_gpt_training, group, me, p)
+                res["agreement"] = _guarded(_agreement_reuse, group, me, p)
             results[p] = res
         dist.barrier()
     dist.destroy_process_group()
@@ -308,6 +397,27 @@ def test_faults_raise_on_every_rank():
         assert found["after"] == "no error", (rank, found["after"])
     assert "rank(s) [1]" in faults[0]["invalid"], faults[0]["invalid"]
     assert "q must be a 4-D" in faults[1]["invalid"], faults[1]["invalid"]
+
+
+# how many shape agreements each step of _agreement_reuse makes: once per signature, then none
+AGREEMENTS = {"first": 1, "again": 0, "grad": 1, "grad_again": 0, "options": 1, "options_again": 0,
+              "every_shard_longer": 1, "back": 1, "seq_len_8": 1, "seq_len_9": 1, "seq_len_8_again": 0,
+              "seq_len_9_again": 0}
+
+
+def test_shape_agreement_once_per_signature():
+    """A call of an agreed signature makes no agreement, no collective and no host read; a new one agrees."""
+    for rank, res in enumerate(r["agreement"] for r in results_for(2)):
+        assert "error" not in res, res.get("error")
+        assert list(res) == list(AGREEMENTS)
+        for step, expected in AGREEMENTS.items():
+            counts, ok = res[step]["counts"], res[step]["ok"]
+            assert ok, (rank, step)
+            assert counts.get("agreements", 0) == expected, (rank, step, counts)
+            if expected:  # the counters see the agreement's collective and its host read
+                assert counts.get("collectives", 0) == 1 and counts.get("host_reads", 0) > 0, (rank, step, counts)
+            else:
+                assert counts.get("collectives", 0) == 0 and counts.get("host_reads", 0) == 0, (rank, step, counts)
 
 
 def test_gpt_trains_like_one_process():
@@ -456,6 +566,7 @@ def test_argument_errors_before_any_communication():
            (dict(window=(1,)), TypeError, "window"), (dict(window=(-2, 0)), ValueError, "window"),
            (dict(scale=math.inf), ValueError, "scale"), (dict(return_lse=1), TypeError, "return_lse"),
            (dict(group="world"), TypeError, "group"), (dict(timeout=-1), ValueError, "timeout"),
+           (dict(seq_len=-1), ValueError, "seq_len"), (dict(seq_len=8.0), TypeError, "seq_len"),
            (dict(), ValueError, "group")]  # no process group is initialised in this process
     for kwargs, exc, word in bad:
         with pytest.raises(exc, match=word):
@@ -478,8 +589,36 @@ def test_single_rank_group_is_plain_attention(tmp_path):
         out, lse = ring_attention(q, k, v, causal=True, return_lse=True, window=(3, -1))
         ref_out, ref_lse = attention(q, k, v, causal=True, return_lse=True, window=(3, 0))
         assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+        assert torch.equal(ring_attention(q, k, v, causal=True, seq_len=7), attention(q, k, v, causal=True))
+        with pytest.raises(ValueError, match="seq_len=8"):
+            ring_attention(q, k, v, seq_len=8)
     finally:
         dist.destroy_process_group()
+
+
+def test_waits_untimed_on_cuda():
+    """Waits on CUDA tensors pass no timeout (NCCL would block the CPU thread); on CPU tensors they do."""
+    from flashattn_py.distributed import _comm
+
+    class Work:
+        def __init__(self, done: bool = True):
+            self.done, self.calls = done, []
+
+        def wait(self, **kwargs):
+            self.calls.append(kwargs)
+            return self.done
+
+    limit = timedelta(seconds=5)
+    assert _comm._host_timeout(limit, torch.device("cuda", 0)) is None
+    assert _comm._host_timeout(limit, torch.device("cpu")) == limit
+    work = Work()
+    _comm._wait([work, torch.zeros(1)], None)  # a tensor in the list is a send buffer kept alive: skipped
+    assert work.calls == [{}]
+    work = Work()
+    _comm._wait([work], limit)
+    assert work.calls == [{"timeout": limit}]
+    with pytest.raises(RuntimeError, match="did not finish"):
+        _comm._wait([Work(done=False)], limit)
 
 
 def test_case_names_unique():
