@@ -36,12 +36,19 @@ _BWD_NAME = "_scaled_dot_product_flash_attention_for_cpu_backward"
 
 
 def _lookup() -> tuple[object | None, object | None, bool]:
+    """The fwd and bwd ops as the cheapest callables this torch has for them (None, None where it lacks one),
+    and whether both take `attn_mask`. Once per process.
+
+    The forward is called through torch's generated Python binding where it has one (its argument parser costs
+    ~4 us less per call than an `OpOverloadPacket`'s schema matching, about a third of the op at S = 16), the
+    backward (which has none) through its `OpOverload`: the same aten ops either way.
+    """
     fwd = getattr(torch.ops.aten, _FWD_NAME, None) if hasattr(torch.ops.aten, _FWD_NAME) else None
     bwd = getattr(torch.ops.aten, _BWD_NAME, None) if hasattr(torch.ops.aten, _BWD_NAME) else None
     if fwd is None or bwd is None:
         return None, None, False
     takes_mask = all(any(a.name == "attn_mask" for a in o.default._schema.arguments) for o in (fwd, bwd))
-    return fwd, bwd, takes_mask
+    return getattr(torch, _FWD_NAME, fwd.default), bwd.default, takes_mask
 
 
 _FWD, _BWD, _TAKES_MASK = _lookup()
@@ -63,19 +70,17 @@ def causal_flag(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None, ali
     exclude no key of any row, and its top-left causal when off + right == 0 and the
     lower bound excludes nothing.
     """
-    if _FWD is None or q.dtype not in _DTYPES or q.device.type != "cpu":
+    # (called once per pass: `is_cpu` rather than `device.type`, which builds a device object, 0.3 us)
+    if _FWD is None or not q.is_cpu or q.dtype not in _DTYPES:
         return None
     if spec.dropout_p > 0 or spec.softcap > 0 or alibi is not None:
         return None
-    if bias is not None and not _TAKES_MASK:
+    if bias is not None and (not _TAKES_MASK or (bias.dtype != torch.bool and bias.dtype != q.dtype)):
         return None
-    if bias is not None and bias.dtype != torch.bool and bias.dtype != q.dtype:
-        return None
-    Sq, Sk = q.shape[2], k.shape[2]
     off, left, right = spec.offset, spec.window_left, spec.window_right
-    if left >= 0 and Sq - 1 + off - left > 0:  # the last row's lower bound cuts keys
+    if left >= 0 and q.shape[2] - 1 + off - left > 0:  # the last row's lower bound cuts keys
         return None
-    if right < 0 or off + right >= Sk - 1:  # no row's upper bound cuts keys
+    if right < 0 or off + right >= k.shape[2] - 1:  # no row's upper bound cuts keys
         return False
     if off + right == 0:
         return True
@@ -114,11 +119,12 @@ def _like(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
 
 
 def _rebased(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """`g` ((B*H, 1, S, D) over a contiguous (B*H, S, D) buffer) as `like`'s contiguous (B, H, S, D), zero-copy.
+    """`g` (a fresh op output over a contiguous buffer of `like`'s size) restrided in place as contiguous `like`.
 
-    Built with `set_` rather than as a view: a custom op may not return views (ops clones those).
+    In place (`as_strided_` on a tensor that is no view stays no view) rather than as a view: a custom op may not
+    return views (ops clones those).
     """
-    return g.new_empty(0).set_(g.untyped_storage(), g.storage_offset(), like.shape, like.stride())
+    return g.as_strided_(like.shape, like.stride())
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -134,10 +140,13 @@ def _dense(t: torch.Tensor) -> bool:
 def fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, spec: AttnSpec,
         is_causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """O (q's dtype and strides) and LSE (float32, natural log, -inf on rows that see no key)."""
-    mask = _float_mask(bias, q.dtype)
-    o, lse = _FWD(q, k, v, 0.0, is_causal, attn_mask=mask, scale=spec.scale)
-    lse = lse.to(torch.float32).contiguous()
-    o = _like(o, q)
+    if bias is None:
+        o, lse = _FWD(q, k, v, 0.0, is_causal, scale=spec.scale)
+    else:
+        o, lse = _FWD(q, k, v, 0.0, is_causal, attn_mask=_float_mask(bias, q.dtype), scale=spec.scale)
+    lse = (lse if lse.dtype == torch.float32 else lse.to(torch.float32)).contiguous()  # it is (B, Sq, H)-strided
+    if o.stride() != q.stride():  # the op allocates O like q (torch 2.13); `_like` where it does not
+        o = _like(o, q)
     if bias is not None:
         empty = _empty_rows(bias, is_causal, q.shape[2], k.shape[2])
         if empty is not None:
@@ -152,21 +161,33 @@ def bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: 
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv (q's, k's, v's dtypes and strides) for a forward that `fwd` (or the blocked path) computed."""
     mask = _float_mask(bias, q.dtype)
-    # the op wants its accumulation type (float64 for float64) and reads P = exp(s - lse): +inf on empty rows
+    # the op reads P = exp(s - lse): +inf on empty rows (P = 0); it wants its accumulation type (float64 for
+    # float64). A where, not nan_to_num: NaN LSEs pass through bit for bit.
+    lse_in = torch.where(lse.isneginf(), float("inf"), lse)
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    lse_in = torch.where(torch.isneginf(lse), float("inf"), lse).to(acc)
-    B, H = q.shape[:2]
-    if (q.is_contiguous() and k.is_contiguous() and v.is_contiguous() and k.shape[1] == H
+    if lse_in.dtype != acc:
+        lse_in = lse_in.to(acc)
+    B, H, Sq, D = q.shape
+    H_kv, Sk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    if (q.is_contiguous() and k.is_contiguous() and v.is_contiguous() and H_kv == H
             and (mask is None or mask.shape[:2] == (1, 1))):
-        # The op allocates its gradients (B, S, H, D)-strided. With (B, H) folded into its batch dim (one head
-        # each: attention is independent per (b, h)) that allocation is exactly q's (B, H, S, D) layout, so the
-        # copies below (measured: 5-8% of the backward at S = 1k, page faults of fresh buffers) are not needed.
-        def fold(t: torch.Tensor) -> torch.Tensor:
-            return t.reshape(1, B * H, *t.shape[2:]).transpose(0, 1)
-
-        grads = _BWD(fold(do), fold(q), fold(k), fold(v), fold(o), fold(lse_in), 0.0, is_causal, attn_mask=mask,
+        # The op allocates its gradients (B, S, H, D)-strided and copies a (B, H, S, D) dO to that layout. With
+        # (B, H) folded into its batch dim (one head each: attention is independent per (b, h)) dO already is in
+        # it and the gradients come out in q's (B, H, S, D) layout: no copies (measured: 5-8% of the backward at
+        # S = 1k, page faults of fresh buffers; ~15% at S = 16). The folded head dim has size 1, so every
+        # element's address, and so the op's arithmetic, is the same as unfolded.
+        BH = B * H  # (plain ints for the shapes: a torch.Size slice and unpacking cost ~0.4 us a view)
+        grads = _BWD(do.reshape(BH, 1, Sq, Dv), q.view(BH, 1, Sq, D), k.view(BH, 1, Sk, D), v.view(BH, 1, Sk, Dv),
+                     o.reshape(BH, 1, Sq, Dv), lse_in.reshape(BH, 1, Sq), 0.0, is_causal, **_mask_kw(mask),
                      scale=spec.scale)
-        dq, dk, dv = (_rebased(g, t) for g, t in zip(grads, (q, k, v), strict=True))
-    else:
-        dq, dk, dv = _BWD(do, q, k, v, o, lse_in, 0.0, is_causal, attn_mask=mask, scale=spec.scale)
+        return _rebased(grads[0], q), _rebased(grads[1], k), _rebased(grads[2], v)
+    dq, dk, dv = _BWD(do, q, k, v, o, lse_in, 0.0, is_causal, **_mask_kw(mask), scale=spec.scale)
     return _like(dq, q), _like(dk, k), _like(dv, v)
+
+
+_NO_MASK: dict = {}
+
+
+def _mask_kw(mask: torch.Tensor | None) -> dict:
+    """The op's `attn_mask` keyword, left out when there is none (the schema parser is cheaper without it)."""
+    return _NO_MASK if mask is None else {"attn_mask": mask}

@@ -329,14 +329,10 @@ def _add_dbias(dbias: torch.Tensor, ds5: torch.Tensor, b0: int, b1: int, r0: int
 
 # --- dispatch per dense (sub)problem ------------------------------------------------------------------------------
 
-def _empty(B: int, H: int, Sq: int, Sk: int) -> bool:
-    return B * H * Sq == 0 or Sk == 0  # the fused op would crash the process on these (SIGFPE)
-
-
 def _dense_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                alibi: torch.Tensor | None, spec: AttnSpec) -> tuple[torch.Tensor, torch.Tensor]:
     B, H, Sq, _ = q.shape
-    if _empty(B, H, Sq, k.shape[2]):
+    if B * H * Sq == 0 or k.shape[2] == 0:  # empty: the fused op would crash the process on these (SIGFPE)
         return torch.zeros_like(q), torch.full((B, H, Sq), float("-inf"), dtype=torch.float32)
     flag = _cpu_fused.causal_flag(q, k, bias, alibi, spec)
     if flag is not None:
@@ -350,14 +346,14 @@ def _dense_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
 
 def _dense_bwd(do, q, k, v, o, lse, dlse, bias, alibi, need_dbias, spec):
     B, H, Sq, _ = q.shape
-    if _empty(B, H, Sq, k.shape[2]):
+    if B * H * Sq == 0 or k.shape[2] == 0:  # empty (the fused op would crash the process: SIGFPE)
         dbias = torch.zeros(bias.shape, dtype=_compute_dtype(q.dtype)) if need_dbias else None
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dbias
     # the op has no dbias output and no LSE gradient: those calls take the blocked path (dlse arrives as zeros
-    # whenever the LSE was not used, so test its values)
-    flag = None
-    if not need_dbias and (dlse is None or not bool(dlse.any())):  # NaN counts as non-zero
-        flag = _cpu_fused.causal_flag(q, k, bias, alibi, spec)
+    # whenever the LSE was not used, so test its values: count_nonzero counts NaN, as any() does, at half its cost)
+    flag = None if need_dbias else _cpu_fused.causal_flag(q, k, bias, alibi, spec)
+    if flag is not None and dlse is not None and bool(dlse.count_nonzero()):
+        flag = None
     if flag is not None:
         path_counts["fused"] += 1
         path_counts["fused_bwd"] += 1

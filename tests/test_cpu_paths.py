@@ -58,6 +58,57 @@ def test_fused_path_numerics(dtype, causal, seqlens, layout):
         assert dk.stride() == k.stride() and dv.stride() == v.stride()
 
 
+_ATEN = torch.ops.aten
+
+
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])  # bhsd: the backward folds (B, H) into the op's batch dim
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+@pytest.mark.parametrize("causal, mask", [(False, None), (True, None), (True, "float"), (False, "bool")])
+def test_fused_path_is_the_op_bit_for_bit(dtype, layout, causal, mask):
+    """The fused path is torch's op plus our fix-ups only: on inputs that need none, O, LSE and the gradients are
+    exactly the op's (called plainly, unfolded, through `torch.ops`), with q's/k's/v's strides and no views."""
+    q, k, v, do = (t.detach() for t in make_qkv(2, 3, 21, 21, 16, dtype, CPU, layout, seed=16))
+    bias = None
+    if mask is not None:
+        bias = _mask((1, 1, 21, 21), mask)
+        if mask == "bool":
+            bias[..., 0] = True  # no row hidden entirely (those are fixed up)
+        else:
+            bias = bias.to(dtype)
+    spec = AttnSpec(scale=0.3, window_right=0 if causal else -1,
+                    bias_kind=BiasKind.NONE if mask is None else BiasKind[mask.upper()])
+    paths = Paths()
+    o, lse = _torch_backend.attn_fwd(q, k, v, bias, None, spec, DENSE)
+    dlse = torch.zeros_like(lse)
+    dlse[0, 0, 0] = -0.0  # a zero dLSE, signed or not, keeps the fused backward
+    grads = _torch_backend.attn_bwd(do, q, k, v, o, lse, dlse, bias, None, False, spec, DENSE)
+    assert paths["fused_fwd"] == 1 and paths["fused_bwd"] == 1 and paths["blocked"] == 0
+    op_mask = None if bias is None else _cpu_fused._float_mask(bias, dtype)
+    ref_o, ref_lse = _ATEN._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=op_mask,
+                                                                       scale=0.3)
+    lse_in = ref_lse.float().to(ref_lse.dtype)  # our LSE is float32 (float64 calls' too): the backward reads that
+    ref = _ATEN._scaled_dot_product_flash_attention_for_cpu_backward(do, q, k, v, ref_o, lse_in, 0.0, causal,
+                                                                     attn_mask=op_mask, scale=0.3)
+    assert torch.equal(o, ref_o) and torch.equal(lse, ref_lse.float()) and lse.is_contiguous()
+    assert o.stride() == q.stride() and o._base is None
+    for g, r, t in zip(grads[:3], ref, (q, k, v), strict=True):
+        assert torch.equal(g, r) and g.stride() == t.stride() and g._base is None  # ops returns non-views as they are
+    assert grads[3] is None
+
+
+def test_fused_backward_dlse_check():
+    """Any non-zero dLSE (NaN included) sends the backward to the blocked path; zeros of either sign do not."""
+    q, k, v, do = (t.detach() for t in make_qkv(1, 2, 9, 9, 8, torch.float32, CPU, seed=17))
+    spec = AttnSpec(scale=0.35, window_right=0)
+    o, lse = _torch_backend.attn_fwd(q, k, v, None, None, spec, DENSE)
+    for value, path in ((0.0, "fused"), (-0.0, "fused"), (1e-30, "blocked"), (float("nan"), "blocked")):
+        dlse = torch.zeros_like(lse)
+        dlse[0, 1, 4] = value
+        paths = Paths()
+        _torch_backend.attn_bwd(do, q, k, v, o, lse, dlse, None, None, False, spec, DENSE)
+        assert paths[f"{path}_bwd"] == 1, value
+
+
 FEATURES = {
     "bottom_right_short_q": (dict(causal="bottom_right"), (23, 70)),
     "bottom_right_long_q": (dict(causal="bottom_right"), (70, 23)),  # the first rows see no key
