@@ -11,14 +11,33 @@ softcap; a ``position_bias`` (T5's relative attention bias and the other models
 that pass one) is added to the scores, with its gradient.
 
 Masks at kernel speed: transformers builds causal and sliding-window patterns into
-a dense ``(B, 1, L, S)`` mask. Our mask builder makes the same mask as ``"sdpa"``
-(``masking_utils.sdpa_mask``) and checks, exactly, whether it is only a causal /
-sliding-window band (at the cache's offset) AND a key-padding row. When it is, the
+a dense ``(B, 1, L, S)`` mask. Our mask builder makes a mask with the same meaning as
+``"sdpa"``'s (``masking_utils.sdpa_mask``) and decides whether it is only a causal /
+sliding-window band (at the cache's offset) AND a key-padding row from what
+transformers passes it, never from the mask's values: its ``mask_function``
+(transformers' own causal / bidirectional / sliding-window functions and their
+``and_masks``, recognized by identity and closure constants, each confirmed once on a
+host grid of Python ints) and Python-int ``q_offset`` / ``kv_offset``. When it is, the
 attention call does not read the mask: it passes the band to the kernels (blocks
-outside it are skipped, so a sliding window costs O(S·w)) and the padding as a
-``(B, 1, 1, S)`` keep-mask. Any other pattern runs from the dense mask, as given.
+outside it are skipped, so a sliding window costs O(S·w)) and the padding, always, as
+a ``(B, 1, 1, S)`` keep-mask sliced from ``attention_mask`` on the device. Any other
+pattern (or_masks, chunked, packed sequences, a model's own mask functions, a tensor
+``q_offset`` as a static cache passes while decoding) runs from the dense mask.
+
+No host reads: the mask builder and the attention call read no tensor value on the
+host (no ``.item()``, ``bool(t)``, ``torch.equal``), so they add no device sync and can
+run under CUDA-graph capture. Where ``sdpa_mask`` would read the padding mask (or a
+tensor ``q_offset``) to decide whether to return None, the mask is built instead (same
+meaning; an unpadded all-ones ``attention_mask`` therefore materializes the boolean
+mask once per forward, which the kernels do not read; pass ``attention_mask=None``
+for unpadded inputs to avoid it). Under torch.compile the builder returns sdpa's mask
+untagged: compiled models run the dense mask.
+
 Packed batches passed as ``cu_seq_lens_q/k`` + ``max_length_q/k`` (padding-free
-training) run `attention_varlen`.
+training) run `attention_varlen`; ``max_length_q/k`` are Python ints (a tensor is read
+in eager code, and replaced by the packed length where it cannot be read). A mask
+passed with them is compared with the packing (a host read) only where values are
+readable; under compile or capture the mask runs densely instead.
 
 Keywords: every keyword transformers passes is either used, ignored for a stated
 reason (`IGNORED_KWARGS`), or refused with a TypeError naming it; an unknown
@@ -39,7 +58,7 @@ import warnings
 
 import torch
 
-from .._validation import InputError, InputTypeError
+from .._validation import InputError, InputTypeError, values_unreadable
 from ..functional import _attention_at_offset, attention_varlen
 
 NAME = "flashattn_py"  # transformers 4 only
@@ -72,7 +91,6 @@ _KERNEL_UNSUPPORTED = {
     "block_indices": "block-sparse attention indices",
 }
 _warned_output_attentions = False
-_CHECK_ELEMENTS = 1 << 24  # mask entries compared per step when recognizing a band
 
 
 def _check_kwargs(kwargs: dict) -> None:
@@ -96,86 +114,219 @@ def _check_kwargs(kwargs: dict) -> None:
 
 
 # --- masks ---------------------------------------------------------------------------------------------------------
+#
+# The band is decided from what transformers passes to the mask builder (its mask function, offsets, lengths), never
+# from the mask's values: no host read, so the builder and the attention call can be captured in a CUDA graph.
 
-def _band(q_len: int, kv_len: int, offset: int, left: int, right: int, device: torch.device) -> torch.Tensor:
-    """(q_len, kv_len) bool: query i sees key j iff i + offset - left <= j <= i + offset + right (-1 = unbounded)."""
-    i = torch.arange(q_len, device=device)[:, None] + offset
-    j = torch.arange(kv_len, device=device)[None, :]
-    keep = torch.ones(q_len, kv_len, dtype=torch.bool, device=device)
-    if right >= 0:
-        keep &= j <= i + right
-    if left >= 0:
-        keep &= j >= i - left
-    return keep
+_MAX_DEPTH = 8  # nesting of and_masks we follow
 
 
-def _as_int(x) -> int | None:
-    if isinstance(x, torch.Tensor):
-        if torch.compiler.is_compiling() or x.numel() != 1:
+@functools.cache
+def _transformers_masks() -> dict:
+    """transformers' own mask functions, and the code objects of the closures its mask factories return."""
+    from transformers import masking_utils as mu
+
+    def code(factory_name: str, *args):
+        factory = getattr(mu, factory_name, None)
+        try:
+            return factory(*args).__code__ if factory is not None else None
+        except Exception:  # a factory whose signature changed: its masks are simply not recognized
             return None
-        return int(x.item())
-    return int(x)
+
+    causal = getattr(mu, "causal_mask_function", None)
+    return {
+        "causal": causal,
+        "bidirectional": getattr(mu, "bidirectional_mask_function", None),
+        "and": code("and_masks", causal) if causal is not None else None,
+        "sliding": code("sliding_window_overlay", 1),
+        "sliding_bidirectional": code("sliding_window_bidirectional_overlay", 1),
+    }
 
 
-def _tag_band(mask: torch.Tensor, q_offset, kv_offset, padding: torch.Tensor | None, local_size) -> None:
-    """If `mask` is exactly a causal / sliding-window band AND a key-padding row, record them on it.
+def _closure_vars(fn) -> dict | None:
+    code, cells = getattr(fn, "__code__", None), getattr(fn, "__closure__", None) or ()
+    if code is None or len(code.co_freevars) != len(cells):
+        return None
+    try:
+        return {name: cell.cell_contents for name, cell in zip(code.co_freevars, cells, strict=True)}
+    except ValueError:  # an empty cell
+        return None
 
-    Sets ``mask._fa_py_band = (version, offset, left, right, keep)`` with ``keep`` the
-    ``(B, 1, 1, S)`` padding keep-mask (None when nothing is padded). The check
-    is an exact comparison with the mask transformers built, once per mask (not
-    per layer); a mask it does not match is left as it is and read densely.
+
+def _leaf(fn) -> tuple | None:
+    """``(key, left, right)`` for one of transformers' index-only band functions, else None.
+
+    The function keeps key j for query i iff ``i - left <= j <= i + right`` (-1: unbounded)
+    on absolute positions; `key` names it with its closure constants (for the confirmation cache).
     """
-    if mask.dim() != 4 or mask.shape[1] != 1:
-        return
-    q_off, kv_off = _as_int(q_offset), _as_int(kv_offset)
-    if q_off is None or kv_off is None:
-        return
-    B, _, q_len, kv_len = mask.shape
+    known = _transformers_masks()
+    if fn is known["causal"] and fn is not None:
+        return ("causal",), -1, 0
+    if fn is known["bidirectional"] and fn is not None:
+        return ("bidirectional",), -1, -1
+    code = getattr(fn, "__code__", None)
+    if code is None or code not in (known["sliding"], known["sliding_bidirectional"]):
+        return None
+    w = (_closure_vars(fn) or {}).get("sliding_window")
+    if isinstance(w, bool) or not isinstance(w, int):  # a tensor (or anything else) would need a read: not a band
+        return None
+    if code is known["sliding"]:  # kv > q - w
+        return (("sliding", w), w - 1, -1) if w >= 1 else None
+    return (("sliding_bidirectional", w), w, w) if w >= 0 else None  # |q - kv| <= w
+
+
+_confirmed: dict = {}  # leaf key -> whether evaluating the function agreed with its claimed band
+
+
+def _confirm_on_host(fn, key: tuple, left: int, right: int) -> bool:
+    """Evaluate a recognized band function once per key on a host grid of Python ints around its edges.
+
+    Guards against a transformers version whose function of the same name means something
+    else. Python ints only: no tensor is made or read.
+    """
+    if key in _confirmed:
+        return _confirmed[key]
+    edges = {0, 1, 2, 3, 5, 8, 13, 64}
+    for bound in (left, right):
+        if bound >= 0:
+            edges |= {bound - 1, bound, bound + 1, 2 * bound + 1}
+    ok = True
+    try:
+        for q in sorted(x for x in edges if x >= 0):
+            candidates = {0, 1, q - 1, q, q + 1, q + 2, q + 64}
+            for bound in (left, right):
+                if bound >= 0:
+                    candidates |= {q - bound - 1, q - bound, q - bound + 1, q + bound - 1, q + bound, q + bound + 1}
+            for kv in sorted(x for x in candidates if x >= 0):
+                expected = (left < 0 or kv >= q - left) and (right < 0 or kv <= q + right)
+                got = fn(0, 0, q, kv)
+                if not isinstance(got, bool) or got != expected:
+                    ok = False
+                    break
+            if not ok:
+                break
+    except Exception:  # not evaluable on ints: not one we know
+        ok = False
+    _confirmed[key] = ok
+    return ok
+
+
+def _function_band(fn, depth: int = 0) -> tuple[int, int] | None:
+    """``(left, right)`` when the mask function is exactly a band on absolute positions, from what it is.
+
+    Recognizes transformers' causal / bidirectional / sliding-window functions and their
+    intersections (``and_masks``), by identity of its functions and of the closures its
+    factories make, with their closure constants; each leaf is confirmed once on a host
+    grid. Anything else (or_masks, chunked, packed sequences, user functions): None.
+    """
+    known = _transformers_masks()
+    if depth > _MAX_DEPTH or fn is None:
+        return None
+    if known["and"] is not None and getattr(fn, "__code__", None) is known["and"]:
+        parts = (_closure_vars(fn) or {}).get("mask_functions")
+        if not isinstance(parts, tuple) or not parts:
+            return None
+        left = right = -1
+        for part in parts:
+            band = _function_band(part, depth + 1)
+            if band is None:
+                return None
+            left = band[0] if left < 0 else (left if band[0] < 0 else min(left, band[0]))
+            right = band[1] if right < 0 else (right if band[1] < 0 else min(right, band[1]))
+        return left, right
+    leaf = _leaf(fn)
+    if leaf is None or not _confirm_on_host(fn, *leaf):
+        return None
+    return leaf[1], leaf[2]
+
+
+def _host_int(x) -> int | None:
+    """A Python int as it is; None for anything else (a tensor offset is never read)."""
+    if isinstance(x, bool) or not isinstance(x, int):
+        return None
+    return x
+
+
+def _recognize(kwargs: dict):
+    """``(offset, left, right, keep)`` for the mask `sdpa_mask(**kwargs)` builds, when it is a band AND a padding row.
+
+    From the arguments alone (no tensor value is read). ``keep`` is the ``(B|1, 1, 1, S)``
+    boolean key-padding mask sliced on the device from ``attention_mask`` (None without
+    one); nothing checks whether anything is padded.
+    """
+    from transformers.masking_utils import causal_mask_function
+
+    q_len, kv_len, batch = kwargs.get("q_length"), kwargs.get("kv_length"), kwargs.get("batch_size")
+    q_off, kv_off = _host_int(kwargs.get("q_offset", 0)), _host_int(kwargs.get("kv_offset", 0))
+    if any(_host_int(x) is None for x in (q_len, kv_len, batch)) or q_off is None or kv_off is None:
+        return None  # e.g. a static cache's tensor q_offset: the dense mask
+    if q_off < 0 or kv_off < 0 or "cache_position" in kwargs:
+        return None
+    band = _function_band(kwargs.get("mask_function", causal_mask_function))
+    if band is None:
+        return None
     keep = None
+    padding = kwargs.get("attention_mask")
     if padding is not None:
-        if padding.dim() != 2 or padding.shape[0] not in (1, B):
-            return
-        padding = padding.bool()
+        if (not isinstance(padding, torch.Tensor) or padding.dtype != torch.bool or padding.dim() != 2
+                or padding.shape[0] not in (1, batch)):
+            return None
         if padding.shape[1] < kv_off + kv_len:  # as masking_utils.prepare_padding_mask: missing keys are padding
             padding = torch.nn.functional.pad(padding, (0, kv_off + kv_len - padding.shape[1]))
-        padding = padding[:, kv_off:kv_off + kv_len]
-        if not bool(padding.all()):
-            keep = padding[:, None, None, :]
-    offset = q_off - kv_off
-    # causal, bidirectional; with local_size: sliding causal (i - j < w) and sliding bidirectional (|i - j| <= w)
-    w = int(local_size) if local_size is not None else None
-    candidates = [(w - 1, 0), (w, w)] if w is not None else [(-1, 0), (-1, -1)]
-    rows = max(1, _CHECK_ELEMENTS // max(1, B * kv_len))  # compare in row chunks: bounded temporaries
-    for left, right in candidates:
-        for start in range(0, q_len, rows):
-            n = min(rows, q_len - start)
-            expected = _band(n, kv_len, offset + start, left, right, mask.device)[None, None]
-            if keep is not None:
-                expected = expected & keep
-            if not torch.equal(mask[:, :, start:start + n], expected.expand(B, 1, n, kv_len)):
-                break
-        else:
-            mask._fa_py_band = (mask._version, offset, left, right, keep)
-            return
+        keep = padding[:, None, None, kv_off:kv_off + kv_len]
+    return q_off - kv_off, band[0], band[1], keep
+
+
+@functools.cache
+def _sdpa_mask_parameters() -> frozenset:
+    import inspect
+
+    from transformers.masking_utils import sdpa_mask
+
+    return frozenset(inspect.signature(sdpa_mask).parameters)
+
+
+def _without_reads(kwargs: dict) -> dict:
+    """sdpa_mask's arguments, minus the shortcuts for which it reads tensor values, where they cannot be read.
+
+    With a padding mask, or a tensor q_offset, sdpa_mask decides whether it may return None
+    (causal, or no mask at all) by reading them on the host (``padding_mask.all()``,
+    ``q_offset == 0``). In eager code with readable values that is transformers' own read,
+    once per forward, as with ``attn_implementation="sdpa"``; it spares building a
+    (B, 1, L, S) mask for an all-ones attention_mask (1 GiB at 32k tokens). Where the values
+    cannot be read (CUDA-graph capture, FakeTensorMode, torch.compile), the mask is built
+    instead, which means the same attention.
+    """
+    padding, offsets = kwargs.get("attention_mask"), (kwargs.get("q_offset"), kwargs.get("kv_offset"))
+    skips = []
+    if isinstance(padding, torch.Tensor) and values_unreadable(padding):
+        skips += ["allow_is_causal_skip", "allow_is_bidirectional_skip"]
+    elif any(isinstance(t, torch.Tensor) and values_unreadable(t) for t in offsets):
+        skips += ["allow_is_causal_skip"]
+    names = _sdpa_mask_parameters()
+    return {**kwargs, **{name: False for name in skips if name in names}}
 
 
 def mask_interface(*args, **kwargs):
     """transformers' mask hook: the mask ``"sdpa"`` builds (boolean, or None), tagged with its band when it is one.
 
-    Takes whatever transformers' ``sdpa_mask`` takes (its signature differs across
-    versions) and returns exactly its result; None (no mask) comes back where
-    sdpa's builder returns None: plain causal without padding, where the attention
-    call runs the causal flag.
+    Takes whatever transformers' ``sdpa_mask`` takes and returns a mask with the same
+    meaning: sdpa's, except that where sdpa would read tensor values to decide whether
+    it may return None, the mask is built instead. The band (causal / sliding window,
+    at the cache's offset) is recognized from the mask function and offsets transformers
+    passes (`_recognize`), never from the mask's values: nothing here reads a tensor's
+    values on the host, so it can run under CUDA-graph capture. Under torch.compile the
+    mask is sdpa's, untagged (read densely).
     """
     from transformers.masking_utils import sdpa_mask
 
-    mask = sdpa_mask(*args, **kwargs)
-    if not args and isinstance(mask, torch.Tensor) and mask.dtype == torch.bool and not torch.compiler.is_compiling():
-        q_offset = kwargs.get("q_offset")
-        if q_offset is None and kwargs.get("cache_position") is not None:  # older transformers pass positions
-            q_offset = kwargs["cache_position"][:1]
-        _tag_band(mask, 0 if q_offset is None else q_offset, kwargs.get("kv_offset", 0),
-                  kwargs.get("attention_mask"), kwargs.get("local_size"))  # compiled: the dense mask, as given
+    if args or torch.compiler.is_compiling():  # positional (old transformers) / compiled: sdpa's mask, as given
+        return sdpa_mask(*args, **kwargs)
+    band = _recognize(kwargs)
+    mask = sdpa_mask(**_without_reads(kwargs))
+    if (band is not None and isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
+            and tuple(mask.shape) == (kwargs["batch_size"], 1, kwargs["q_length"], kwargs["kv_length"])):
+        mask._fa_py_band = (mask._version, *band)
     return mask
 
 
@@ -204,7 +355,9 @@ def _with_position_bias(position_bias: torch.Tensor, mask: torch.Tensor | None, 
 def _packing_matches(mask: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor, left: int, right: int) -> bool:
     """Whether a dense (1, 1, Tq, Tk) boolean mask is exactly what `attention_varlen` computes for this packing.
 
-    Compared once per (mask, cu_seqlens) pair: the result is cached on the mask.
+    Compared once per (mask, cu_seqlens) pair: the result is cached on the mask. The
+    comparison reads a value on the host (a sync on a GPU): `_varlen_forward` calls it
+    only where values are readable (`_readable`), never under capture or compile.
     """
     key = (cu_q.data_ptr(), cu_q._version, cu_k.data_ptr(), cu_k._version, left, right)
     cached = getattr(mask, "_fa_py_packing", None)
@@ -231,6 +384,28 @@ def _packing_matches(mask: torch.Tensor, cu_q: torch.Tensor, cu_k: torch.Tensor,
     return ok
 
 
+def _readable(*tensors) -> bool:
+    """Whether reading these tensors' values is possible and legal here (eager, real values, not capturing)."""
+    return not any(isinstance(t, torch.Tensor) and values_unreadable(t) for t in tensors)
+
+
+def _max_length(x, bound: int, name: str) -> int:
+    """max_length_q/k as an int: a Python int as it is; a tensor is read only where that is legal.
+
+    transformers passes ints (its flattening collator, continuous batching). A tensor is
+    read on the host (one sync) in eager code; where its value cannot be read (compile,
+    FakeTensor, CUDA-graph capture) the packed length `bound`, which bounds every sequence,
+    is used instead: the same result, with more (empty) programs launched.
+    """
+    if isinstance(x, bool):
+        raise InputTypeError(f"{name} must be an int, got {x!r}")
+    if isinstance(x, int):
+        return x
+    if isinstance(x, torch.Tensor) and x.numel() == 1 and not x.is_floating_point():
+        return int(x) if _readable(x) else bound
+    raise InputTypeError(f"{name} must be an int (or a one-element integer tensor), got {type(x).__name__}")
+
+
 def _varlen_forward(query, key, value, attention_mask, cu_q, cu_k, max_q, max_k, causal, window_left, scaling,
                     softcap, dropout, position_bias):
     """Padding-free batches: (1, H, total, D) with cu_seq_lens -> `attention_varlen`, as transformers' flash path."""
@@ -242,12 +417,13 @@ def _varlen_forward(query, key, value, attention_mask, cu_q, cu_k, max_q, max_k,
     if dropout > 0:
         raise InputError(f"dropout ({dropout}) is not supported with packed sequences (cu_seq_lens_q/k)")
     left, right = (window_left, 0) if causal else (window_left, window_left)  # as transformers' flash path
+    max_q, max_k = _max_length(max_q, query.shape[2], "max_length_q"), _max_length(max_k, key.shape[2], "max_length_k")
     if attention_mask is not None:  # it must say nothing beyond the packing, or we would drop it
         if not _packing_matches(attention_mask, cu_q, cu_k, left, right):
             raise InputError("attention_mask and cu_seq_lens_q/k describe different attention patterns; pass the "
                              "packing one way only")
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # (total, H, D) views
-    out = attention_varlen(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k),
+    out = attention_varlen(q, k, v, cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
                            causal=causal, scale=scaling, window=(left, right), softcap=softcap)
     return out.unsqueeze(0).contiguous(), None  # (1, total, H, D)
 
@@ -267,7 +443,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     A mask, when given, already holds causality, padding and any sliding window
     (when `mask_interface` recorded it as a band, the band runs as kernel flags
     and only the padding row is read); without one the call is causal (decoder)
-    unless the module says otherwise, as with sdpa. ``position_bias`` is an
+    unless the module says otherwise, as with sdpa. No tensor value is read on
+    the host, except to compare a mask with cu_seq_lens where that is legal. ``position_bias`` is an
     additive float bias (combined with the mask) that receives its gradient.
     """
     _check_kwargs(kwargs)
@@ -281,6 +458,10 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     if any(x is not None for x in packed):
         if any(x is None for x in packed):
             raise InputError("cu_seq_lens_q, cu_seq_lens_k, max_length_q and max_length_k must be given together")
+    # With a mask too, the packing runs varlen only where the two can be compared (a host read); elsewhere (compile,
+    # CUDA-graph capture, fake tensors) the mask, which says all eager attention uses, runs densely
+    if cu_seq_lens_q is not None and (attention_mask is None or _readable(attention_mask, cu_seq_lens_q,
+                                                                          cu_seq_lens_k)):
         return _varlen_forward(query, key, value, attention_mask, cu_seq_lens_q, cu_seq_lens_k, max_length_q,
                                max_length_k, causal, window_left, scaling, cap, dropout, position_bias)
 
