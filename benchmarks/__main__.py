@@ -8,6 +8,7 @@
                                               # a correctness smoke run on tiny shapes (no timings)
     python -m benchmarks --codegen ...        # the compiled-code report (benchmarks.codegen)
     python -m benchmarks --context-parallel ...  # the context-parallel benchmark (benchmarks.context_parallel)
+    python -m benchmarks --host-overhead      # host µs per call, every public function (benchmarks.host_overhead)
 
 Without a GPU the suite times flashattn_py's PyTorch path (TRITON_INTERPRET is
 ignored there; use --interpret for the interpreter) against torch's fused CPU
@@ -50,7 +51,7 @@ from .suite import (  # noqa: E402
 SMOKE_NOTE = ("No GPU, --interpret: the Triton kernels ran through Triton's CPU interpreter on tiny shapes, "
               "checked against the reference. No timings: interpreted kernels' times mean nothing.")
 GPU_DEFAULT_IMPLS = [name for name in IMPLEMENTATIONS if name != "sdpa"]  # "sdpa" is one of the sdpa_* on a GPU
-SUBCOMMANDS = {"--context-parallel": "context_parallel", "--codegen": "codegen"}
+SUBCOMMANDS = {"--context-parallel": "context_parallel", "--codegen": "codegen", "--host-overhead": "host_overhead"}
 
 
 def _progress(total: int):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -216,9 +217,13 @@ def _legacy_capture(capability: tuple[int, int]) -> Iterator[list]:
 def _fwd_bwd(q, k, v, spec, bias=None, alibi=None, seq=None, backward=True, need_dbias=False):
     L = _launchers()
     seq_args = () if seq is None else (seq,)
-    o, lse = L.triton_fwd(q, k, v, bias, alibi, spec, *seq_args)
+    seeded = {}  # launchers that take the dropout key as a device tensor (older ones read spec.seed)
+    if spec.dropout_p > 0 and "seed" in inspect.signature(L.triton_fwd).parameters:
+        seeded = {"seed": torch.full((1,), spec.seed, dtype=torch.int64)}
+    o, lse = L.triton_fwd(q, k, v, bias, alibi, spec, *seq_args, **seeded)
     if backward:
-        L.triton_bwd(torch.empty_like(o), q, k, v, o, lse, None, bias, alibi, need_dbias, spec, *seq_args)
+        L.triton_bwd(torch.empty_like(o), q, k, v, o, lse, None, bias, alibi, need_dbias, spec, *seq_args,
+                     **seeded)
 
 
 def variants(batch: int, heads: int, seqlen: int) -> list[Variant]:

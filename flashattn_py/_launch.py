@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
+import functools
 import importlib.util
 import inspect
 import math
@@ -116,16 +118,23 @@ class LaunchRecord:
     `args` holds the config's constexprs too. `compiled` is Triton's CompiledKernel for the
     target when the virtual GPU compiles (its ``metadata.shared`` and ``asm``), else None;
     `refused` the candidates tried first that did not fit (empty when the first choice runs).
+    `positional` is the argument list the GPU's launcher would take, in the kernel's
+    parameter order; `args` is built from it when first read.
     """
 
     name: str
     kernel: Any
-    args: dict[str, Any]
+    positional: list[Any]
     config: _config.KernelConfig
     grid: tuple[int, ...]
     target: GpuTarget | None = None
     compiled: Any = None
     refused: tuple[_config.KernelConfig, ...] = ()
+    order: tuple[str, ...] = ()
+
+    @functools.cached_property
+    def args(self) -> dict[str, Any]:
+        return dict(zip(self.order, self.positional, strict=True))
 
     @property
     def shared_bytes(self) -> int | None:
@@ -138,6 +147,7 @@ class _VirtualGpu:
     compile: bool
     records: list[LaunchRecord]
     chosen: dict[tuple, _config.KernelConfig]  # this GPU's own config cache, as a process on it would have
+    plans: dict[tuple, tuple] = dataclasses.field(default_factory=dict)  # and its own plans (`_planned`)
 
 
 # the active virtual GPU, per thread / task: another thread's real launches are never recorded instead
@@ -180,12 +190,14 @@ def capture_launches(capability: tuple[int, int] = (9, 0)) -> Iterator[list[Laun
 
 
 def virtual_gpu_active() -> bool:
-    return _active_virtual.get() is not None
+    # never under torch.compile, which cannot trace a ContextVar (the custom ops' implementations ask at run time)
+    return not torch.compiler.is_compiling() and _active_virtual.get() is not None
 
 
 def gpu_target(t: torch.Tensor) -> GpuTarget | None:
     """The GPU `t`'s kernels would run on: the virtual one, `t`'s CUDA device, or None (the interpreter)."""
-    virtual = _active_virtual.get()
+    # torch.compile cannot trace a ContextVar (a graph break); a virtual GPU is an eager-mode test bed
+    virtual = None if torch.compiler.is_compiling() else _active_virtual.get()
     if virtual is not None:
         return virtual.target
     return _targets.device_target(t.device) if t.is_cuda else None
@@ -352,15 +364,14 @@ def _fits(compiled, gpu: GpuTarget, real: bool) -> bool:
     return True
 
 
-def _launch(name: str, kernel, args: dict[str, Any], grid: Callable[[_config.KernelConfig], tuple],
+def _choose(name: str, kernel, args: dict[str, Any], grid: Callable[[_config.KernelConfig], tuple],
             per_config: Callable[[_config.KernelConfig], dict], configs: list[_config.KernelConfig],
-            gpu: GpuTarget | None) -> None:
-    """Launch `kernel` by keyword with the first of `configs` that fits the GPU, known before the launch.
+            gpu: GpuTarget | None):
+    """(config, its CompiledKernel or None, the candidates refused first): the first of `configs` that fits.
 
-    `per_config(cfg)` gives the arguments that depend on the config (block sizes, the EVEN_*
-    flags, descriptors, split lengths). On a GPU a candidate is compiled (or found in Triton's
-    cache) and checked against the GPU's limits before anything launches; the choice is
-    remembered per `_config_key`. Under `virtual_gpu` the same choice is made for the target.
+    On a GPU a candidate is compiled (or found in Triton's cache) and checked against the GPU's
+    limits before anything launches; the choice is remembered per `_config_key`. Under
+    `virtual_gpu` the same choice is made for the target when it compiles.
     """
     virtual = _active_virtual.get()
     cache = virtual.chosen if virtual is not None else _chosen_config
@@ -385,37 +396,183 @@ def _launch(name: str, kernel, args: dict[str, Any], grid: Callable[[_config.Ker
                 raise RuntimeError(f"flashattn_py: no launch configuration of {name} fits this GPU "
                                    f"({gpu.max_shared} B of shared memory; {'; '.join(sizes)})")
         cache[key] = cfg
+    return cfg, compiled, tuple(refused)
+
+
+@dataclass
+class _Planned:
+    """One kernel launch, decided once per call signature (FlashInfer's plan/run split).
+
+    `static` holds every argument the signature fixes: constexprs, strides, lengths, the
+    score scalars, the config's block sizes. Per call only the tensors change (`slots`;
+    descriptors are rebased on their tensor). On a GPU `runner` is the compiled kernel's own
+    launcher (`CompiledKernel[grid]`): a call skips Triton's argument binding,
+    specialization and cache lookup, which the signature has already decided (the plan
+    key holds every tensor's dtype, shape, strides and 16-byte alignment, and every
+    scalar the kernel sees is a function of the key).
+    """
+
+    name: str
+    kernel: Any
+    config: _config.KernelConfig
+    grid: tuple[int, ...]
+    static: dict[str, Any]
+    descriptors: dict[str, tuple[str, Any]]  # *_DESC argument -> (its tensor's argument, the validated template)
+    order: tuple[str, ...]  # the kernel's parameters, in order
+    template: list[Any]  # positional arguments with the static ones filled in
+    slots: tuple[tuple[int, str], ...]  # (position, argument) filled per call
+    runner: Callable | None = None
+    compiled: Any = None
+    refused: tuple[_config.KernelConfig, ...] = ()
+
+
+# Set by the tests: every call re-derives its plan from scratch and checks it against the cached one, so a key
+# that misses something the launch depends on fails the suite instead of launching a stale plan.
+CHECK_PLANS = False
+# signature -> the launches of one call; the virtual GPU keeps its own
+_plans: dict[tuple, tuple[_Planned, ...]] = {}
+
+
+def forget_plans() -> None:
+    """Drop every cached plan and config choice (as in a fresh process)."""
+    _plans.clear()
+    _chosen_config.clear()
+
+
+def _plan_cache() -> dict[tuple, tuple[_Planned, ...]]:
+    virtual = _active_virtual.get()
+    return virtual.plans if virtual is not None else _plans
+
+
+def _param_names(kernel) -> tuple[str, ...]:
+    names = getattr(kernel, "arg_names", None)
+    if names is None:  # the interpreter's function: its signature
+        names = list(inspect.signature(getattr(kernel, "fn", kernel)).parameters)
+    return tuple(names)
+
+
+def _plan_launch(name: str, kernel, args: dict[str, Any], grid: Callable[[_config.KernelConfig], tuple],
+                 per_config: Callable[[_config.KernelConfig], dict], configs: list[_config.KernelConfig],
+                 gpu: GpuTarget | None, slots: frozenset[str], descriptor_sources: dict[str, str] | None = None,
+                 decided: _Planned | None = None) -> _Planned:
+    """Decide one launch: its config (`_choose`, or `decided`'s when re-deriving a plan to check it), grid and
+    static arguments. `slots` names the arguments taken from each call's tensors; `descriptor_sources` maps each
+    *_DESC argument to the tensor it describes."""
+    virtual = _active_virtual.get()
+    compiled, refused = None, ()
+    if decided is None:
+        cfg, compiled, refused = _choose(name, kernel, args, grid, per_config, configs, gpu)
+    else:
+        cfg = decided.config
     launch_grid = _check_grid(name, tuple(grid(cfg)), gpu, cfg)
-    full_args = {**args, **per_config(cfg)}
-    if virtual is not None:
-        if virtual.compile and compiled is None:
-            compiled = _compile(kernel, launch_grid, full_args, cfg, virtual.target, True)
-        virtual.records.append(LaunchRecord(name, kernel, full_args, cfg, launch_grid, virtual.target, compiled,
-                                            tuple(refused)))
-        return
-    try:
-        kernel[launch_grid](**full_args, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    except OutOfResources:
-        # refused when Triton loaded it, though it passed every check we could make before: the next candidate
-        remaining = configs[configs.index(cfg) + 1:] if cfg in configs else []
-        if not remaining:
-            raise
-        del cache[key]
-        _launch(name, kernel, args, grid, per_config, remaining, gpu)
-        return
-    launch_counts[name] += 1
+    full = {**args, **per_config(cfg)}
+    sources = descriptor_sources or {}
+    descriptors = {n: (src, full[n]) for n, src in sources.items() if full.get(n) is not None}
+    static = {n: value for n, value in full.items() if n not in slots and n not in descriptors}
+    order = _param_names(kernel)
+    if set(order) != set(full):
+        raise TypeError(f"flashattn_py: {name}'s arguments do not match its parameters: "
+                        f"missing {sorted(set(order) - set(full))}, unknown {sorted(set(full) - set(order))}")
+    runner = None
+    if decided is None and gpu is not None:
+        if virtual is None:
+            compiled = compiled or _compile(kernel, launch_grid, full, cfg, gpu, False)
+            # loads the module on this device (checked to fit by `_choose`); None if a cache hook took over
+            runner = compiled[launch_grid] if compiled is not None and hasattr(compiled, "__getitem__") else None
+        elif virtual.compile and compiled is None:
+            compiled = _compile(kernel, launch_grid, full, cfg, virtual.target, True)
+    return _Planned(name, kernel, cfg, launch_grid, static, descriptors, order, [static.get(n) for n in order],
+                    tuple((i, n) for i, n in enumerate(order) if n not in static), runner, compiled, refused)
+
+
+def _rebased(template, t: torch.Tensor):
+    """`template` (a validated TensorDescriptor of a tensor with t's shape, strides and alignment) over `t`."""
+    descriptor = object.__new__(type(template))
+    descriptor.__dict__.update(template.__dict__)
+    descriptor.base = t
+    return descriptor
+
+
+def _same_plan(cached: tuple[_Planned, ...], fresh: tuple[_Planned, ...]) -> None:
+    """CHECK_PLANS: the plan re-derived for this call must be the cached one."""
+    for a, b in zip(cached, fresh, strict=True):
+        same = (a.name == b.name and a.grid == b.grid and a.static == b.static
+                and {n: (s, d.shape, d.strides, d.block_shape) for n, (s, d) in a.descriptors.items()}
+                == {n: (s, d.shape, d.strides, d.block_shape) for n, (s, d) in b.descriptors.items()})
+        if not same:
+            diff = sorted(n for n in set(a.static) | set(b.static) if a.static.get(n) != b.static.get(n))
+            raise AssertionError(f"flashattn_py: the cached plan of {a.name} differs from this call's "
+                                 f"(grid {a.grid} vs {b.grid}; arguments {diff}): its key misses something")
+
+
+def _planned(key: tuple, derive: Callable[[tuple[_Planned, ...] | None], tuple[_Planned, ...]]
+             ) -> tuple[_Planned, ...]:
+    """The cached plan of `key`, derived on first sight (and re-derived and compared under CHECK_PLANS)."""
+    plans = _plan_cache()
+    cached = plans.get(key)
+    if cached is None:
+        cached = plans[key] = derive(None)
+    elif CHECK_PLANS:
+        _same_plan(cached, derive(cached))
+    return cached
+
+
+def _run(p: _Planned, tensors: dict[str, Any]) -> None:
+    """Launch a planned kernel on this call's tensors (under `virtual_gpu`, record it instead)."""
+    values = {n: tensors[n] for _, n in p.slots if n not in p.descriptors}
+    for n, (source, template) in p.descriptors.items():
+        values[n] = _rebased(template, tensors[source])
+    virtual = _active_virtual.get()
+    if virtual is not None or p.runner is not None:
+        args = p.template.copy()
+        for i, n in p.slots:
+            args[i] = values[n]
+        if virtual is not None:  # what the GPU's launcher would be handed, kept instead
+            virtual.records.append(LaunchRecord(p.name, p.kernel, args, p.config, p.grid, virtual.target,
+                                                p.compiled, p.refused, p.order))
+            return
+        p.runner(*args)
+    else:  # the interpreter (or a compile Triton handed no kernel for): Triton's own launch
+        p.kernel[p.grid](**p.static, **values, num_warps=p.config.num_warps, num_stages=p.config.num_stages)
+    launch_counts[p.name] += 1
+
+
+def _signature(*tensors: torch.Tensor | None) -> tuple:
+    """What a plan depends on in a call's input tensors: each one's dtype, shape, strides and 16-byte alignment.
+
+    Outputs and temporaries are left out: the launch layer allocates them fresh, their shapes
+    and strides follow from the inputs', and a fresh allocation is aligned (CUDA's to 512
+    bytes, the CPU's to 64).
+    """
+    return tuple(None if t is None else
+                 (t.dtype, t.shape, t.stride(), t.data_ptr() % 16 == 0 if type(t) is torch.Tensor else _aligned16(t))
+                 for t in tensors)
+
+
+def _switches(q: torch.Tensor, gpu: GpuTarget | None) -> tuple:
+    """Process-wide settings a plan depends on: the GPU (and the device a runner is loaded on), TF32 for fp32
+    matmuls, the test switches for descriptors and flat grids."""
+    tf32 = q.dtype == torch.float32 and _allow_tf32()
+    return gpu, q.device, tf32, _config.INTERPRETER_STREAM_DESCRIPTORS, FLAT_GRID_ABOVE
 
 
 # --- kernel arguments from the contract -----------------------------------------------------------------------------
+
+def _allow_tf32() -> bool:
+    """torch.backends.cuda.matmul.allow_tf32, read without its deprecation machinery (this runs per call)."""
+    get = getattr(torch._C, "_get_cublas_allow_tf32", None)
+    if get is not None:
+        return bool(get())
+    with warnings.catch_warnings():  # pragma: no cover - torch without the private getter
+        warnings.simplefilter("ignore")
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+
 
 def _dot_precision(dtype: torch.dtype) -> str:
     """fp32 inputs multiply in IEEE fp32 unless the user allowed TF32 for matmuls."""
     if dtype != torch.float32:
         return "tf32"  # ignored by tl.dot for 16-bit inputs
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        allow_tf32 = torch.backends.cuda.matmul.allow_tf32
-    return "tf32" if allow_tf32 else "ieee"
+    return "tf32" if _allow_tf32() else "ieee"
 
 
 def _block_d(head_dim: int) -> int:
@@ -433,24 +590,27 @@ def _even(rows: int, block: int, packed: bool) -> bool:
     return not packed and rows % block == 0
 
 
-def _bias_args(bias: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> dict[str, Any]:
-    """BIAS and its 4 strides for the kernels: broadcast dims get stride 0."""
+def _bias_view(bias: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor | None:
+    """The bias as the kernels read it: expanded to (B, H, Sq, Sk) (broadcast dims get stride 0), a bool mask as
+    its bytes (Triton loads it as integers)."""
     if bias is None:
-        return dict(BIAS=None, stride_biasb=0, stride_biash=0, stride_biasm=0, stride_biasn=0)
+        return None
     full = bias.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    if full.dtype == torch.bool:
-        full = full.view(torch.uint8)  # same bytes; Triton loads it as integers
-    return dict(BIAS=full, **dict(zip(("stride_biasb", "stride_biash", "stride_biasm", "stride_biasn"),
-                                      full.stride(), strict=True)))
+    return full.view(torch.uint8) if full.dtype == torch.bool else full
 
 
-def _alibi_args(alibi: torch.Tensor | None) -> dict[str, Any]:
-    """ALIBI slopes and strides: (H,) slopes broadcast over the batch with stride 0."""
+def _bias_strides(view: torch.Tensor | None) -> dict[str, int]:
+    strides = view.stride() if view is not None else (0, 0, 0, 0)
+    return dict(zip(("stride_biasb", "stride_biash", "stride_biasm", "stride_biasn"), strides, strict=True))
+
+
+def _alibi_strides(alibi: torch.Tensor | None) -> dict[str, int]:
+    """ALIBI slopes' strides: (H,) slopes broadcast over the batch with stride 0."""
     if alibi is None:
-        return dict(ALIBI=None, stride_alibib=0, stride_alibih=0)
+        return dict(stride_alibib=0, stride_alibih=0)
     if alibi.dim() == 1:
-        return dict(ALIBI=alibi, stride_alibib=0, stride_alibih=alibi.stride(0))
-    return dict(ALIBI=alibi, stride_alibib=alibi.stride(0), stride_alibih=alibi.stride(1))
+        return dict(stride_alibib=0, stride_alibih=alibi.stride(0))
+    return dict(stride_alibib=alibi.stride(0), stride_alibih=alibi.stride(1))
 
 
 def _score_args(spec: AttnSpec, alibi: torch.Tensor | None) -> dict[str, Any]:
@@ -465,7 +625,7 @@ def _score_args(spec: AttnSpec, alibi: torch.Tensor | None) -> dict[str, Any]:
     else:
         qk_scale, softcap_log2 = spec.scale * _LOG2E, 0.0
     return dict(offset=spec.offset, window_left=spec.window_left, window_right=spec.window_right,
-                qk_scale=qk_scale, softcap_log2=softcap_log2, dropout_p=spec.dropout_p, seed=spec.seed,
+                qk_scale=qk_scale, softcap_log2=softcap_log2, dropout_p=spec.dropout_p,
                 HAS_LEFT=spec.window_left >= 0, HAS_RIGHT=spec.window_right >= 0, SOFTCAP=spec.softcap > 0,
                 ALIBI_ON=alibi is not None, BIAS_KIND=int(spec.bias_kind), DROPOUT=spec.dropout_p > 0)
 
@@ -530,17 +690,61 @@ def _packed_zeros(t: torch.Tensor) -> torch.Tensor:
 
 # --- launchers ------------------------------------------------------------------------------------------------------
 
+def _need_seed(spec: AttnSpec, seed: torch.Tensor | None) -> None:
+    if spec.dropout_p > 0 and not isinstance(seed, torch.Tensor):
+        raise ValueError("dropout needs its Philox key as an int64 (1,) tensor on q's device (ops.new_seed), "
+                         f"got seed={seed!r}")
+
+
 def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                alibi: torch.Tensor | None, spec: AttnSpec, seq: SeqLayout = DENSE,
-               num_splits: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+               num_splits: int = 1, seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """O and LSE (natural log, float32) from the forward kernel.
 
     Dense: O like q, LSE (B, H, Sq). Packed (q/k/v as (1, H, total, D) views):
     O (1, H, total, D) view of a packed (total, H, D) tensor, LSE (H, total); rows
     past cu_seqlens_q[-1] get O = 0 and LSE = -inf. num_splits > 1 (KV cache):
-    partial results merged here by their LSE.
+    partial results merged here by their LSE. `seed` (int64, on q's device) is the
+    Philox key when spec.dropout_p > 0; the kernel reads it (`spec.seed` is not used).
+    Planned once per call signature (`_planned`); a call allocates its outputs and launches.
     """
+    _need_seed(spec, seed)
+    _, H, Sq, D = q.shape
+    packed = seq.mode == SeqMode.PACKED
+    B = seq.batch if packed else q.shape[0]
+    splits = max(num_splits, 1)
+    gpu = gpu_target(q)
+    if packed:
+        o = _packed_zeros(q)
+        lse = torch.full((H, Sq), float("-inf"), device=q.device, dtype=torch.float32)
+    elif splits > 1:
+        o = _empty((splits, B, H, Sq, D), q, torch.float32)
+        lse = _empty((splits, B, H, Sq), q, torch.float32)
+    else:
+        o = _empty_like(q)
+        lse = _empty((B, H, Sq), q, torch.float32)
+    tensors = dict(Q=q, K=k, V=v, O=o, LSE=lse, BIAS=_bias_view(bias, q, k), ALIBI=alibi,
+                   CU_Q=seq.cu_seqlens_q if packed else None, CU_K=seq.cu_seqlens_k if packed else None,
+                   SEQLENS_K=seq.seqlens_k, BLOCK_TABLE=seq.block_table, SEED=seed if spec.dropout_p > 0 else None)
+    key = ("fwd", _signature(q, k, v, bias, alibi, seq.cu_seqlens_q, seq.cu_seqlens_k, seq.seqlens_k,
+                             seq.block_table, tensors["SEED"]),
+           spec, seq.mode, seq.max_seqlen_q, seq.max_seqlen_k, splits, _switches(q, gpu))
+    plan = _planned(key, lambda decided: _plan_fwd(tensors, spec, seq, splits, gpu, decided))
+    with _device_of(q):
+        _run(plan[0], tensors)
+    if plan[0].static["STREAM_DESC"] and not virtual_gpu_active():
+        launch_counts["attn_fwd:descriptors"] += 1
+    if splits > 1:  # flash-decoding: merge the splits by their log-sum-exp
+        lse_all = torch.logsumexp(lse, dim=0)
+        weights = torch.exp(lse - torch.where(torch.isneginf(lse_all), torch.inf, lse_all))
+        return (weights.unsqueeze(-1) * o).sum(0).to(q.dtype), lse_all
+    return o, lse
+
+
+def _plan_fwd(tensors: dict[str, Any], spec: AttnSpec, seq: SeqLayout, splits: int, gpu: GpuTarget | None,
+              decided: tuple[_Planned, ...] | None) -> tuple[_Planned, ...]:
     kernels = _get_kernels()
+    q, k, v, o, lse, bias, alibi = (tensors[n] for n in ("Q", "K", "V", "O", "LSE", "BIAS", "ALIBI"))
     _, H, Sq, D = q.shape
     packed = seq.mode == SeqMode.PACKED
     paged = seq.block_table is not None
@@ -548,20 +752,13 @@ def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
     max_q = seq.max_seqlen_q if packed else Sq
     seqlen_k = k.shape[2] if not paged else seq.block_table.shape[1] * k.shape[2]
     block_d = _block_d(D)
-    gpu = gpu_target(q)
     if packed:
-        o = _packed_zeros(q)
-        lse = torch.full((H, Sq), float("-inf"), device=q.device, dtype=torch.float32)
         o_strides = dict(stride_os=0, stride_ob=0, stride_oh=o.stride(1), stride_om=o.stride(2))
         lse_strides = dict(stride_lses=0, stride_lseb=0, stride_lseh=Sq)
-    elif num_splits > 1:
-        o = _empty((num_splits, B, H, Sq, D), q, torch.float32)
-        lse = _empty((num_splits, B, H, Sq), q, torch.float32)
+    elif splits > 1:
         o_strides = dict(zip(("stride_os", "stride_ob", "stride_oh", "stride_om"), o.stride()[:4], strict=True))
         lse_strides = dict(zip(("stride_lses", "stride_lseb", "stride_lseh"), lse.stride()[:3], strict=True))
     else:
-        o = _empty_like(q)
-        lse = _empty((B, H, Sq), q, torch.float32)
         o_strides = dict(stride_os=0, **_rows("o", o))
         lse_strides = dict(stride_lses=0, stride_lseb=lse.stride(0), stride_lseh=lse.stride(1))
 
@@ -570,11 +767,8 @@ def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
         configs = _config.decode_configs(block_d, q.element_size(), gpu)
     else:
         configs = _configs("fwd", q, block_d, heavy_scores=_heavy_scores(spec, bias))
-    splits = max(num_splits, 1)
     args = dict(
-        Q=q, K=k, V=v, O=o, LSE=lse, **_bias_args(bias, q, k), **_alibi_args(alibi),
-        CU_Q=seq.cu_seqlens_q if packed else None, CU_K=seq.cu_seqlens_k if packed else None,
-        SEQLENS_K=seq.seqlens_k, BLOCK_TABLE=seq.block_table,
+        tensors, K_DESC=None, V_DESC=None, **_bias_strides(bias), **_alibi_strides(alibi),
         **_rows("q", q, packed), **_rows("k", k, packed, "n"), **_rows("v", v, packed, "n"), **o_strides,
         **lse_strides,
         **dict(zip(("stride_tableb", "stride_tablep"), seq.block_table.stride() if paged else (0, 0), strict=True)),
@@ -596,27 +790,47 @@ def triton_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Te
                     **_descriptor_args(args["STREAM_DESC"], dict(K_DESC=k, V_DESC=v), c.block_n, block_d))
 
     with _device_of(q):
-        _launch("attn_fwd", kernels._attn_fwd, args,
-                lambda c: _rows_grid(triton.cdiv(max_q, c.block_m), B * H, args["FLAT_GRID"], splits),
-                per_config, configs, gpu)
-    if args["STREAM_DESC"] and not virtual_gpu_active():
-        launch_counts["attn_fwd:descriptors"] += 1
-    if num_splits > 1:  # flash-decoding: merge the splits by their log-sum-exp
-        lse_all = torch.logsumexp(lse, dim=0)
-        weights = torch.exp(lse - torch.where(torch.isneginf(lse_all), torch.inf, lse_all))
-        return (weights.unsqueeze(-1) * o).sum(0).to(q.dtype), lse_all
-    return o, lse
+        return (_plan_launch("attn_fwd", kernels._attn_fwd, args,
+                             lambda c: _rows_grid(triton.cdiv(max_q, c.block_m), B * H, args["FLAT_GRID"], splits),
+                             per_config, configs, gpu, frozenset(tensors), dict(K_DESC="K", V_DESC="V"),
+                             decided and decided[0]),)
 
 
 def triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                lse: torch.Tensor, dlse: torch.Tensor | None, bias: torch.Tensor | None, alibi: torch.Tensor | None,
-               need_dbias: bool, spec: AttnSpec, seq: SeqLayout = DENSE,
+               need_dbias: bool, spec: AttnSpec, seq: SeqLayout = DENSE, seed: torch.Tensor | None = None,
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """dQ, dK, dV (like q, k, v) and dBias (bias's shape, float32) from the backward kernels.
 
-    Packed: rows past cu_seqlens[-1] get zero gradients.
+    Packed: rows past cu_seqlens[-1] get zero gradients. `seed` is the forward's Philox key
+    (a device tensor) when spec.dropout_p > 0. Planned once per call signature, as the forward.
     """
+    _need_seed(spec, seed)
+    packed = seq.mode == SeqMode.PACKED
+    gpu = gpu_target(q)
+    dq, dk, dv = (_packed_zeros(t) if packed else _empty_like(t) for t in (q, k, v))
+    tensors = dict(Q=q, K=k, V=v, DO=do, O=o, LSE=lse, DELTA=_empty_like(lse),
+                   DLSE=dlse.contiguous() if dlse is not None else None, DQ=dq, DK=dk, DV=dv,
+                   BIAS=_bias_view(bias, q, k), ALIBI=alibi, CU_Q=seq.cu_seqlens_q if packed else None,
+                   CU_K=seq.cu_seqlens_k if packed else None, SEED=seed if spec.dropout_p > 0 else None,
+                   DBIAS=_empty(bias.shape, q, torch.float32) if need_dbias else None)
+    key = ("bwd", _signature(q, k, v, do, o, lse, tensors["DLSE"], bias, alibi, seq.cu_seqlens_q, seq.cu_seqlens_k,
+                             tensors["SEED"]), spec, seq.mode, seq.max_seqlen_q, seq.max_seqlen_k, _switches(q, gpu))
+    plan = _planned(key, lambda decided: _plan_bwd(tensors, spec, seq, gpu, decided))
+    with _device_of(q):
+        for launch in plan:
+            _run(launch, tensors)
+    if not virtual_gpu_active():
+        launch_counts["attn_bwd_dkdv:descriptors"] += plan[1].static["STREAM_DESC"]
+        launch_counts["attn_bwd_dq:descriptors"] += plan[2].static["STREAM_DESC"]
+    return dq, dk, dv, tensors["DBIAS"]
+
+
+def _plan_bwd(tensors: dict[str, Any], spec: AttnSpec, seq: SeqLayout, gpu: GpuTarget | None,
+              decided: tuple[_Planned, ...] | None) -> tuple[_Planned, ...]:
     kernels = _get_kernels()
+    q, k, v, do, o, lse, dlse, dq, dk, dv, bias, alibi, dbias = (
+        tensors[n] for n in ("Q", "K", "V", "DO", "O", "LSE", "DLSE", "DQ", "DK", "DV", "BIAS", "ALIBI", "DBIAS"))
     _, H, Sq, D = q.shape
     packed = seq.mode == SeqMode.PACKED
     B = seq.batch if packed else q.shape[0]
@@ -624,63 +838,64 @@ def triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     max_q = seq.max_seqlen_q if packed else Sq
     max_k = seq.max_seqlen_k if packed else Sk
     block_d = _block_d(D)
-    gpu = gpu_target(q)
-    dq, dk, dv = (_packed_zeros(t) if packed else _empty_like(t) for t in (q, k, v))
-    delta = _empty_like(lse)
-    if dlse is not None:
-        dlse = dlse.contiguous()
+    slots = frozenset(tensors)
     pre = list(_config.PREPROCESS) if gpu is not None else [_config.INTERPRETER["preprocess"]]
     pre_batch = 1 if packed else B  # the preprocess is row-wise: packed rows are one long "sequence"
     lse_strides = dict(stride_lseb=0, stride_lseh=Sq) if packed else dict(stride_lseb=lse.stride(0),
                                                                            stride_lseh=lse.stride(1))
     # what the three main passes share: inputs, per-row statistics, the spec, the layout
     common = dict(
-        Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=delta, **_alibi_args(alibi),
+        Q=q, K=k, V=v, DO=do, LSE=lse, DELTA=tensors["DELTA"], ALIBI=alibi, SEED=tensors["SEED"],
+        **_alibi_strides(alibi),
         **_rows("q", q, packed), **_rows("k", k, packed, "n"), **_rows("v", v, packed, "n"),
         **_rows("do", do, packed), num_heads=H, kv_group=H // H_kv, seqlen_q=Sq, seqlen_k=Sk,
         **_score_args(spec, alibi), HEAD_DIM=D, BLOCK_D=block_d, EVEN_D=block_d == D,
         DOT_PRECISION=_dot_precision(q.dtype),
     )
-    bias_args = _bias_args(bias, q, k)
-    layout = dict(CU_Q=seq.cu_seqlens_q if packed else None, CU_K=seq.cu_seqlens_k if packed else None,
-                  SEQ_MODE=int(seq.mode), sm_scale=spec.scale, **bias_args, **lse_strides)
+    layout = dict(CU_Q=tensors["CU_Q"], CU_K=tensors["CU_K"], SEQ_MODE=int(seq.mode), sm_scale=spec.scale,
+                  BIAS=bias, **_bias_strides(bias), **lse_strides)
+
+    def earlier(i: int) -> _Planned | None:
+        return decided[i] if decided else None
 
     with _device_of(q):
-        _launch("attn_bwd_preprocess", kernels._attn_bwd_preprocess,
-                dict(O=o, DO=do, DLSE=dlse, DELTA=delta, **_rows("o", o), **_rows("do", do), num_heads=H,
-                     seqlen_q=Sq, HEAD_DIM=D, BLOCK_D=block_d, HAS_DLSE=dlse is not None, EVEN_D=block_d == D,
-                     FLAT_GRID=_flat(pre_batch * H)),
-                lambda c: _rows_grid(triton.cdiv(Sq, c.block_m), pre_batch * H, _flat(pre_batch * H)),
-                lambda c: dict(BLOCK_M=c.block_m, EVEN_M=Sq % c.block_m == 0,
-                               num_row_blocks=triton.cdiv(Sq, c.block_m)), pre, gpu)
+        plans = [
+            _plan_launch("attn_bwd_preprocess", kernels._attn_bwd_preprocess,
+                         dict(O=o, DO=do, DLSE=dlse, DELTA=tensors["DELTA"], **_rows("o", o), **_rows("do", do),
+                              num_heads=H, seqlen_q=Sq, HEAD_DIM=D, BLOCK_D=block_d, HAS_DLSE=dlse is not None,
+                              EVEN_D=block_d == D, FLAT_GRID=_flat(pre_batch * H)),
+                         lambda c: _rows_grid(triton.cdiv(Sq, c.block_m), pre_batch * H, _flat(pre_batch * H)),
+                         lambda c: dict(BLOCK_M=c.block_m, EVEN_M=Sq % c.block_m == 0,
+                                        num_row_blocks=triton.cdiv(Sq, c.block_m)), pre, gpu, slots,
+                         decided=earlier(0))]
         qdo_desc = _stream_descriptors("dkdv", q, seq, q, do, heavy_scores=_heavy_scores(spec, bias))
-        _launch("attn_bwd_dkdv", kernels._attn_bwd_dkdv,
-                dict(common, DK=dk, DV=dv, **_rows("dk", dk, packed, "n"), **_rows("dv", dv, packed, "n"), **layout,
-                     STREAM_DESC=qdo_desc, FLAT_GRID=_flat(B * H_kv)),
-                lambda c: _rows_grid(triton.cdiv(max_k, c.block_n), B * H_kv, _flat(B * H_kv)),
-                lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, MASKED_BLOCK_M=c.masked_rows,
-                               EVEN_M=_even(Sq, c.block_m, packed), EVEN_N=_even(Sk, c.block_n, packed),
-                               num_row_blocks=triton.cdiv(max_k, c.block_n),
-                               **_descriptor_args(qdo_desc, dict(Q_DESC=q, DO_DESC=do), c.block_m, block_d)),
-                _configs("dkdv", q, block_d, qdo_desc, _heavy_scores(spec, bias)), gpu)
+        plans.append(_plan_launch(
+            "attn_bwd_dkdv", kernels._attn_bwd_dkdv,
+            dict(common, DK=dk, DV=dv, Q_DESC=None, DO_DESC=None, **_rows("dk", dk, packed, "n"),
+                 **_rows("dv", dv, packed, "n"), **layout, STREAM_DESC=qdo_desc, FLAT_GRID=_flat(B * H_kv)),
+            lambda c: _rows_grid(triton.cdiv(max_k, c.block_n), B * H_kv, _flat(B * H_kv)),
+            lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, MASKED_BLOCK_M=c.masked_rows,
+                           EVEN_M=_even(Sq, c.block_m, packed), EVEN_N=_even(Sk, c.block_n, packed),
+                           num_row_blocks=triton.cdiv(max_k, c.block_n),
+                           **_descriptor_args(qdo_desc, dict(Q_DESC=q, DO_DESC=do), c.block_m, block_d)),
+            _configs("dkdv", q, block_d, qdo_desc, _heavy_scores(spec, bias)), gpu, slots,
+            dict(Q_DESC="Q", DO_DESC="DO"), earlier(1)))
         kv_desc = _stream_descriptors("dq", q, seq, k, v)
-        _launch("attn_bwd_dq", kernels._attn_bwd_dq,
-                dict(common, DQ=dq, **_rows("dq", dq, packed), **layout, STREAM_DESC=kv_desc, FLAT_GRID=_flat(B * H)),
-                lambda c: _rows_grid(triton.cdiv(max_q, c.block_m), B * H, _flat(B * H)),
-                lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, EVEN_M=_even(Sq, c.block_m, packed),
-                               num_row_blocks=triton.cdiv(max_q, c.block_m),
-                               **_descriptor_args(kv_desc, dict(K_DESC=k, V_DESC=v), c.block_n, block_d)),
-                _configs("dq", q, block_d, heavy_scores=_heavy_scores(spec, bias)), gpu)
-        if not virtual_gpu_active():
-            launch_counts["attn_bwd_dkdv:descriptors"] += qdo_desc
-            launch_counts["attn_bwd_dq:descriptors"] += kv_desc
-        dbias = None
-        if need_dbias:
+        plans.append(_plan_launch(
+            "attn_bwd_dq", kernels._attn_bwd_dq,
+            dict(common, DQ=dq, K_DESC=None, V_DESC=None, **_rows("dq", dq, packed), **layout, STREAM_DESC=kv_desc,
+                 FLAT_GRID=_flat(B * H)),
+            lambda c: _rows_grid(triton.cdiv(max_q, c.block_m), B * H, _flat(B * H)),
+            lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, EVEN_M=_even(Sq, c.block_m, packed),
+                           num_row_blocks=triton.cdiv(max_q, c.block_m),
+                           **_descriptor_args(kv_desc, dict(K_DESC=k, V_DESC=v), c.block_n, block_d)),
+            _configs("dq", q, block_d, heavy_scores=_heavy_scores(spec, bias)), gpu, slots,
+            dict(K_DESC="K", V_DESC="V"), earlier(2)))
+        if dbias is not None:
             # a bias dim of size 1 (against a larger problem dim) is summed over inside the kernel
-            bcast = [bias.shape[i] == 1 and n > 1 for i, n in enumerate((B, H, Sq, Sk))]
-            dbias = _empty(bias.shape, q, torch.float32)
-            args = dict(common, **bias_args, DBIAS=dbias, batch=B, BCAST_B=bcast[0], BCAST_H=bcast[1],
-                        BCAST_M=bcast[2], BCAST_N=bcast[3],
+            bcast = [dbias.shape[i] == 1 and n > 1 for i, n in enumerate((B, H, Sq, Sk))]
+            args = dict(common, BIAS=bias, **_bias_strides(bias), DBIAS=dbias, batch=B, BCAST_B=bcast[0],
+                        BCAST_H=bcast[1], BCAST_M=bcast[2], BCAST_N=bcast[3],
                         **dict(zip(("stride_dbb", "stride_dbh", "stride_dbm", "stride_dbn"), dbias.stride(),
                                    strict=True)))
             del args["BIAS_KIND"]  # the dBias pass always has a float bias
@@ -697,12 +912,14 @@ def triton_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                 m_tiles, n_tiles = dbias_tiles(c)
                 return (m_tiles * n_tiles * bias_heads,) if args["FLAT_GRID"] else (m_tiles, n_tiles, bias_heads)
 
-            _launch("attn_bwd_dbias", kernels._attn_bwd_dbias, args, dbias_grid,
-                    lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_row_blocks=dbias_tiles(c)[0],
-                                   num_col_blocks=dbias_tiles(c)[1]),
-                    _configs("dbias", q, block_d, heavy_scores=True), gpu)
-    return dq, dk, dv, dbias
+            plans.append(_plan_launch(
+                "attn_bwd_dbias", kernels._attn_bwd_dbias, args, dbias_grid,
+                lambda c: dict(BLOCK_M=c.block_m, BLOCK_N=c.block_n, num_row_blocks=dbias_tiles(c)[0],
+                               num_col_blocks=dbias_tiles(c)[1]),
+                _configs("dbias", q, block_d, heavy_scores=True), gpu, slots, decided=earlier(3)))
+    return tuple(plans)
 
 
-__all__ = ["LaunchRecord", "capture_launches", "gpu_target", "interpreter_active", "launch_counts", "multiprocessors",
-           "poison_allocations", "triton_bwd", "triton_fwd", "uses_triton", "virtual_gpu", "virtual_gpu_active"]
+__all__ = ["LaunchRecord", "capture_launches", "forget_plans", "gpu_target", "interpreter_active", "launch_counts",
+           "multiprocessors", "poison_allocations", "triton_bwd", "triton_fwd", "uses_triton", "virtual_gpu",
+           "virtual_gpu_active"]

@@ -8,7 +8,7 @@ import numbers
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from ._launch import is_fake
+from ._launch import is_fake, virtual_gpu_active
 
 
 class InputError(ValueError, RuntimeError):
@@ -224,14 +224,17 @@ _validated_offsets: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def check_kvcache(q: object, k_cache: object, v_cache: object, cache_seqlens: object, k_new: object, v_new: object,
-                  block_table: object, num_splits: object, causal: object) -> tuple[int, int]:
-    """`attention_with_kvcache`'s inputs; returns (cache capacity per sequence, number of new tokens).
+                  block_table: object, num_splits: object, causal: object,
+                  overflow: object = None) -> tuple[int, int, bool]:
+    """`attention_with_kvcache`'s inputs; returns (capacity per sequence, new tokens, whether lengths were read).
 
-    Every tensor must be on q's device; that is checked before anything is read. Then
-    cache_seqlens is read on the host once, to refuse an overflowing cache before anything
-    is written; where its values cannot be read (`values_unreadable`: torch.compile, fake or
-    meta tensors, CUDA graph capture) that read, and so the overflow check, is skipped and
-    only dtypes, shapes and devices are checked.
+    Dtypes, shapes and devices are checked first (every tensor on q's device), from
+    metadata alone. The lengths in cache_seqlens are read on the host only where that
+    costs no device sync and is possible: on the CPU path (no GPU target, real values)
+    and when no ``overflow`` flag was passed. Then an overflowing cache is refused
+    here, before anything is written, and the third result is True. Everywhere else
+    (a GPU, torch.compile, fake or meta tensors, CUDA graph capture) nothing is read
+    and the caller guards on the device (`attention_with_kvcache` states the contract).
     """
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
@@ -271,15 +274,23 @@ def check_kvcache(q: object, k_cache: object, v_cache: object, cache_seqlens: ob
             raise InputError(f"k_new and v_new must match the cache's device {q.device}, got {k_new.device} and "
                              f"{v_new.device}")
         S_new = k_new.shape[2]
-    if values_unreadable(cache_seqlens):  # no values to read: the overflow check cannot run
-        lengths = []
-    else:
-        lengths = cache_seqlens.tolist()  # one host sync, to refuse an overflowing cache before writing into it
-    if min(lengths, default=0) < 0 or max(lengths, default=0) + S_new > capacity:
-        raise InputError(f"the cache holds {capacity} tokens per sequence; cache_seqlens {lengths[:8]} + "
-                         f"{S_new} new tokens does not fit")
+        if S_new > capacity:
+            raise InputError(f"the cache holds {capacity} tokens per sequence; {S_new} new tokens (k_new) cannot fit")
+    if overflow is not None:
+        if not isinstance(overflow, torch.Tensor) or overflow.dtype != torch.bool or tuple(overflow.shape) != (B,):
+            raise InputError(f"overflow must be a bool tensor of shape ({B},), got "
+                             f"{getattr(overflow, 'dtype', type(overflow).__name__)} "
+                             f"{tuple(getattr(overflow, 'shape', ()))}")
+        if overflow.device != q.device:
+            raise InputError(f"overflow must be on q's device {q.device}, got {overflow.device}")
+    read = overflow is None and not q.is_cuda and not values_unreadable(cache_seqlens) and not virtual_gpu_active()
+    if read:  # host memory: reading costs no sync, and refuses an overflowing cache before anything is written
+        lengths = cache_seqlens.tolist()
+        if min(lengths, default=0) < 0 or max(lengths, default=0) + S_new > capacity:
+            raise InputError(f"the cache holds {capacity} tokens per sequence; cache_seqlens {lengths[:8]} + "
+                             f"{S_new} new tokens does not fit")
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise InputError(f"num_splits must be an int >= 0 (0 = automatic), got {num_splits!r}")
     if not isinstance(causal, bool):
         raise InputTypeError(f"causal must be a bool (decoding is bottom-right aligned), got {causal!r}")
-    return capacity, S_new
+    return capacity, S_new, read

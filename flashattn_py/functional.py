@@ -23,7 +23,7 @@ from ._validation import (
     check_softcap,
     check_window,
 )
-from .ops import attn_fwd, flash_attention, multiprocessors
+from .ops import decode_attention, flash_attention, multiprocessors
 
 Causal = bool | Literal["top_left", "bottom_right"]
 
@@ -304,17 +304,26 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
 
 
 def _append_to_cache(cache: torch.Tensor, new: torch.Tensor, cache_seqlens: torch.Tensor,
-                     block_table: torch.Tensor | None) -> None:
-    """Write new (B, H_kv, S_new, D) at positions cache_seqlens[b] + t of sequence b, in place."""
+                     block_table: torch.Tensor | None, fits: torch.Tensor | None) -> None:
+    """Write new (B, H_kv, S_new, D) at positions cache_seqlens[b] + t of sequence b, in place.
+
+    With ``fits`` (B,) bool, a sequence that does not fit is left as it was: its rows go to
+    positions 0 .. S_new - 1 (always inside the cache), carrying the values already there.
+    Decided on the device, so the write never leaves the cache and nothing is read back.
+    """
     B, _, S_new, _ = new.shape
-    pos = cache_seqlens.long()[:, None] + torch.arange(S_new, device=new.device)  # (B, S_new)
+    base = cache_seqlens if fits is None else torch.where(fits, cache_seqlens, 0)
+    pos = base.long().unsqueeze(1) + torch.arange(S_new, device=new.device)  # (B, S_new)
     rows = new.permute(0, 2, 1, 3)  # (B, S_new, H_kv, D), matching the advanced-index result layout
     if block_table is None:
-        cache[torch.arange(B, device=new.device)[:, None], :, pos] = rows
+        index = [torch.arange(B, device=new.device).unsqueeze(1), None, pos]
     else:
         page_size = cache.shape[2]
-        pages = block_table.long().gather(1, pos // page_size)  # (B, S_new)
-        cache[pages, :, pos % page_size] = rows
+        index = [block_table.long().gather(1, pos // page_size), None, pos % page_size]  # (B, S_new) each
+    # aten's index / index_put_ rather than cache[...]: Python indexing of FakeTensorMode's CUDA tensors needs CUDA
+    if fits is not None:
+        rows = torch.where(fits.view(B, 1, 1, 1), rows, torch.ops.aten.index(cache, index))
+    torch.ops.aten.index_put_(cache, index, rows)
 
 
 def _auto_splits(q: torch.Tensor, batch_heads: int, cache_len: int) -> int:
@@ -328,7 +337,7 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                            v_new: torch.Tensor | None = None, causal: bool = True, scale: float | None = None,
                            window: Window = (-1, -1), alibi_slopes: torch.Tensor | None = None,
                            softcap: float = 0.0, block_table: torch.Tensor | None = None,
-                           num_splits: int = 0) -> torch.Tensor:
+                           num_splits: int = 0, overflow: torch.Tensor | None = None) -> torch.Tensor:
     """Decoding attention over a KV cache (forward only), appending new keys and values in place.
 
     q ``(B, H, Sq, D)``; caches ``(B, H_kv, S_max, D)``, or paged ``(num_pages, H_kv,
@@ -341,21 +350,47 @@ def attention_with_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     sequence's keys across programs (flash-decoding) and merges the partial
     results by their log-sum-exp; 0 picks it from the GPU's multiprocessor count.
     Window, ALiBi, softcap and scale as in `attention`. Returns ``(B, H, Sq, D)``.
+
+    **Overflow, and CUDA graphs.** The call makes no host read and no host-side decision
+    from tensor values on a GPU, so it can be captured in a CUDA graph and compiled
+    without graph breaks. A sequence does not fit when ``cache_seqlens[b] < 0`` or
+    ``cache_seqlens[b] + S_new`` exceeds the capacity (``S_max``, or ``max_pages *
+    page_size``). Such a sequence is guarded on the device: nothing is written into its
+    cache and its output rows are 0 (never NaN). It is reported:
+
+    * with ``overflow``, a ``(B,)`` bool tensor on q's device: ``overflow[b]`` is set
+      True for each such sequence (OR-ed in, never cleared, so one read after many
+      steps suffices) and nothing is raised;
+    * without it, on the CPU path, by a `ValueError` before anything is written
+      (reading host memory costs no sync); on a GPU, by a device-side assertion
+      (``torch._assert_async``): the error surfaces at the next synchronisation and,
+      as any device-side assert, leaves the CUDA context unusable. Pass ``overflow``
+      where a failure must be recoverable, and read it when convenient.
+
+    ``S_new`` larger than the capacity is refused from shapes alone.
     """
-    capacity, S_new = check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new, block_table, num_splits,
-                                    causal)
+    capacity, S_new, lengths_checked = check_kvcache(q, k_cache, v_cache, cache_seqlens, k_new, v_new,
+                                                     block_table, num_splits, causal, overflow)
     B, H, _, D = q.shape
     left, right = check_window(window, causal)
     slopes = check_alibi(alibi_slopes, B, H, q.device)
     spec = AttnSpec(scale=check_scale(scale, D), window_left=left, window_right=right,
                     softcap=check_softcap(softcap))
 
+    fits = None  # None: every sequence is known to fit
+    if not lengths_checked:  # decided on the device: no read, capturable
+        fits = (cache_seqlens >= 0) & (cache_seqlens <= capacity - S_new)
+        if overflow is not None:
+            overflow.logical_or_(fits.logical_not())  # not `~`: FakeTensorMode has no CUDA kernel for it
+        else:
+            torch._assert_async(fits.all(), "attention_with_kvcache: cache_seqlens + S_new exceeds the cache's "
+                                "capacity (or is negative) for some sequence; pass overflow= to be told instead")
     if k_new is not None:
-        _append_to_cache(k_cache, k_new, cache_seqlens, block_table)
-        _append_to_cache(v_cache, v_new, cache_seqlens, block_table)
-    seqlens_k = (cache_seqlens + S_new).to(torch.int32)
+        _append_to_cache(k_cache, k_new, cache_seqlens, block_table, fits)
+        _append_to_cache(v_cache, v_new, cache_seqlens, block_table, fits)
+    seqlens_k = cache_seqlens + S_new
+    if fits is not None:
+        seqlens_k = torch.where(fits, seqlens_k, 0)  # no keys: the kernel writes zero rows
+    seqlens_k = seqlens_k.to(torch.int32)
     splits = num_splits or _auto_splits(q, B * H, capacity)
-    seq = SeqLayout(mode=SeqMode.KV_CACHE, seqlens_k=seqlens_k, block_table=block_table)
-    with torch.no_grad():
-        out, _ = attn_fwd(q, k_cache, v_cache, None, slopes, spec, seq, splits)
-    return out
+    return decode_attention(q, k_cache, v_cache, seqlens_k, block_table, slopes, spec, splits)

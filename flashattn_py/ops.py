@@ -46,14 +46,18 @@ from ._launch import (
     virtual_gpu_active,
 )
 
-__all__ = ["AttnSpec", "BiasKind", "DENSE", "SeqLayout", "SeqMode", "attn_bwd", "attn_fwd", "flash_attention",
-           "interpreter_active", "launch_counts", "multiprocessors", "uses_triton"]
+__all__ = ["AttnSpec", "BiasKind", "DENSE", "SeqLayout", "SeqMode", "attn_bwd", "attn_fwd", "decode_attention",
+           "flash_attention", "interpreter_active", "launch_counts", "multiprocessors", "uses_triton"]
 
 
 def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
              alibi: torch.Tensor | None, spec: AttnSpec, seq: SeqLayout = DENSE,
-             num_splits: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Forward on the backend `q` selects. Handles empty problems without launching anything."""
+             num_splits: int = 1, seed: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward on the backend `q` selects. Handles empty problems without launching anything.
+
+    With dropout, `seed` is the call's Philox key (`new_seed`): the kernels read it on the
+    device; the PyTorch backend takes its value (a host read, on the CPU no sync).
+    """
     _, H, Sq, _ = q.shape
     B = seq.batch if seq.mode == SeqMode.PACKED else q.shape[0]
     Sk = k.shape[2] if seq.block_table is None else seq.block_table.shape[1] * k.shape[2]
@@ -63,15 +67,15 @@ def attn_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tens
     if uses_triton(q):
         if not q.is_cuda and not virtual_gpu_active():
             _interpreter.check_dtype(q.dtype)
-        return triton_fwd(q, k, v, bias, alibi, spec, seq, num_splits)
-    return _torch_backend.attn_fwd(q, k, v, bias, alibi, spec, seq)
+        return triton_fwd(q, k, v, bias, alibi, spec, seq, num_splits, seed)
+    return _torch_backend.attn_fwd(q, k, v, bias, alibi, _with_seed_value(spec, seed), seq)
 
 
 def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
              lse: torch.Tensor, dlse: torch.Tensor | None, bias: torch.Tensor | None, alibi: torch.Tensor | None,
-             need_dbias: bool, spec: AttnSpec, seq: SeqLayout = DENSE,
+             need_dbias: bool, spec: AttnSpec, seq: SeqLayout = DENSE, seed: torch.Tensor | None = None,
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Backward on the backend `q` selects: dq, dk, dv and (if asked) dbias in float32."""
+    """Backward on the backend `q` selects: dq, dk, dv and (if asked) dbias in float32; `seed` the forward's."""
     _, H, Sq, _ = q.shape
     B = seq.batch if seq.mode == SeqMode.PACKED else q.shape[0]
     Sk = k.shape[2]
@@ -83,8 +87,29 @@ def attn_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if uses_triton(q):
         if not q.is_cuda and not virtual_gpu_active():
             _interpreter.check_dtype(q.dtype)
-        return triton_bwd(do, q, k, v, o, lse, dlse, bias, alibi, need_dbias, spec, seq)
-    return _torch_backend.attn_bwd(do, q, k, v, o, lse, dlse, bias, alibi, need_dbias, spec, seq)
+        return triton_bwd(do, q, k, v, o, lse, dlse, bias, alibi, need_dbias, spec, seq, seed)
+    return _torch_backend.attn_bwd(do, q, k, v, o, lse, dlse, bias, alibi, need_dbias,
+                                   _with_seed_value(spec, seed), seq)
+
+
+def new_seed(q: torch.Tensor, dropout_p: float) -> torch.Tensor:
+    """A fresh Philox key for one call: int64 ``(1,)`` on q's device with dropout, ``(0,)`` without.
+
+    Drawn on the device by torch's generator for it (``torch.manual_seed`` reproduces a run)
+    and never read on the host: a CUDA graph that captures the call replays the draw with
+    the graph-safe generator state, so every replay gets a fresh key, and a compiled step
+    draws one per run. The backward takes the forward's key as a tensor.
+    """
+    if dropout_p == 0:
+        return torch.empty(0, dtype=torch.int64, device=q.device)
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=q.device)
+
+
+def _with_seed_value(spec: AttnSpec, seed: torch.Tensor | None) -> AttnSpec:
+    """The spec with the seed's value, for the PyTorch backend, which seeds a CPU generator with it."""
+    if spec.dropout_p == 0 or seed is None or is_fake(seed):
+        return spec
+    return dataclasses.replace(spec, seed=int(seed.item()))
 
 
 # --- torch.library custom ops: what torch.compile sees -------------------------------------------------------------
@@ -122,26 +147,27 @@ def _fresh(t: torch.Tensor) -> torch.Tensor:
     return t.clone()
 
 
-def _draw_seed(dropout_p: float) -> int:
-    """A fresh Philox key from torch's CPU generator, so torch.manual_seed reproduces dropout.
+def _forward(q, k, v, bias, alibi, spec: AttnSpec, seq: SeqLayout):
+    """(O in q's layout, LSE, the call's seed): what both routes (`flash_attention`) compute."""
+    seed = new_seed(q, spec.dropout_p)
+    mode = seq.mode
+    o, lse = attn_fwd(_as_kernel_layout(q, mode), _as_kernel_layout(k, mode), _as_kernel_layout(v, mode), bias,
+                      alibi, spec, seq, seed=seed)
+    return _fresh(_from_kernel_layout(o, mode)), lse, seed
 
-    Drawn outside any tensor mode: under FakeTensorMode the generator still advances and the
-    key is a real number (the one host value the forward reads; it is a CPU tensor, no sync).
-    """
-    if dropout_p == 0:
-        return 0
-    with torch.utils._python_dispatch._disable_current_modes():
-        return int(torch.randint(0, 2**62, ()).item())
+
+def _backward(do, q, k, v, o, lse, dlse, bias, alibi, seed, need_dbias: bool, spec: AttnSpec, seq: SeqLayout):
+    if do is None:  # only the LSE was used downstream
+        do = torch.zeros_like(o)
+    dq, dk, dv, dbias = attn_bwd(*(_as_kernel_layout(t, seq.mode) for t in (do, q, k, v, o)), lse, dlse, bias,
+                                 alibi, need_dbias, spec, seq, seed)
+    grads = [_fresh(_from_kernel_layout(g, seq.mode)) for g in (dq, dk, dv)]
+    return grads[0], grads[1], grads[2], dbias.to(bias.dtype) if dbias is not None else None
 
 
 def _attn_fwd_impl(q, k, v, bias, alibi, cu_seqlens_q, cu_seqlens_k, *scalars):
     spec, seq = from_op_scalars(scalars, cu_seqlens_q, cu_seqlens_k)
-    seed = _draw_seed(spec.dropout_p)
-    spec = dataclasses.replace(spec, seed=seed)
-    mode = seq.mode
-    o, lse = attn_fwd(_as_kernel_layout(q, mode), _as_kernel_layout(k, mode), _as_kernel_layout(v, mode), bias,
-                      alibi, spec, seq)
-    return _fresh(_from_kernel_layout(o, mode)), lse, torch.tensor(seed, dtype=torch.int64)
+    return _forward(q, k, v, bias, alibi, spec, seq)
 
 
 _attn_fwd_op = torch.library.custom_op("flashattn_py::attn_fwd", mutates_args=(), schema=_FWD_SCHEMA)(_attn_fwd_impl)
@@ -151,20 +177,16 @@ _attn_fwd_op = torch.library.custom_op("flashattn_py::attn_fwd", mutates_args=()
 def _(q, k, v, bias, alibi, cu_seqlens_q, cu_seqlens_k, *scalars):
     if virtual_gpu_active():  # FakeTensorMode's CUDA tensors on a virtual GPU: run the CUDA path to the launch
         return _attn_fwd_impl(q, k, v, bias, alibi, cu_seqlens_q, cu_seqlens_k, *scalars)
-    _, seq = from_op_scalars(scalars, cu_seqlens_q, cu_seqlens_k)
+    spec, seq = from_op_scalars(scalars, cu_seqlens_q, cu_seqlens_k)
     lse_shape = (q.shape[1], q.shape[0]) if seq.mode == SeqMode.PACKED else tuple(q.shape[:3])
-    return (torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32), torch.empty((), dtype=torch.int64))
+    return (torch.empty_like(q), q.new_empty(lse_shape, dtype=torch.float32),
+            q.new_empty((1 if spec.dropout_p > 0 else 0,), dtype=torch.int64))
 
 
 def _attn_bwd_impl(do, q, k, v, o, lse, dlse, bias, alibi, cu_seqlens_q, cu_seqlens_k, seed, need_dbias, *scalars):
     spec, seq = from_op_scalars(scalars, cu_seqlens_q, cu_seqlens_k)
-    if spec.dropout_p > 0 and not is_fake(seed):  # read only when there is dropout to regenerate (and a value)
-        spec = dataclasses.replace(spec, seed=int(seed.item()))
-    dq, dk, dv, dbias = attn_bwd(*(_as_kernel_layout(t, seq.mode) for t in (do, q, k, v, o)), lse, dlse, bias,
-                                 alibi, need_dbias, spec, seq)
-    grads = [_fresh(_from_kernel_layout(g, seq.mode)) for g in (dq, dk, dv)]
-    dbias = dbias.to(bias.dtype) if dbias is not None else q.new_empty(0)
-    return grads[0], grads[1], grads[2], dbias
+    dq, dk, dv, dbias = _backward(do, q, k, v, o, lse, dlse, bias, alibi, seed, need_dbias, spec, seq)
+    return dq, dk, dv, dbias if dbias is not None else q.new_empty(0)
 
 
 _attn_bwd_op = torch.library.custom_op("flashattn_py::attn_bwd", mutates_args=(), schema=_BWD_SCHEMA)(_attn_bwd_impl)
@@ -199,16 +221,102 @@ def _fwd_backward(ctx, do, dlse, _dseed):
 torch.library.register_autograd("flashattn_py::attn_fwd", _fwd_backward, setup_context=_fwd_setup_context)
 
 
+# --- decoding over a KV cache: forward only, its own op so torch.compile traces it as one node ---------------------
+
+_DECODE_SCHEMA = (f"(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens_k, Tensor? block_table, "
+                  f"Tensor? alibi, {_SCALARS}, int num_splits) -> Tensor")
+
+
+def _attn_decode_impl(q, k_cache, v_cache, seqlens_k, block_table, alibi, *scalars_and_splits):
+    *scalars, num_splits = scalars_and_splits
+    spec, _ = from_op_scalars(tuple(scalars), None, None)
+    seq = SeqLayout(mode=SeqMode.KV_CACHE, seqlens_k=seqlens_k, block_table=block_table)
+    o, _ = attn_fwd(q, k_cache, v_cache, None, alibi, spec, seq, num_splits)
+    return _fresh(o)
+
+
+_attn_decode_op = torch.library.custom_op("flashattn_py::attn_decode", mutates_args=(),
+                                          schema=_DECODE_SCHEMA)(_attn_decode_impl)
+
+
+@_attn_decode_op.register_fake
+def _(q, k_cache, v_cache, seqlens_k, block_table, alibi, *scalars_and_splits):
+    if virtual_gpu_active():
+        return _attn_decode_impl(q, k_cache, v_cache, seqlens_k, block_table, alibi, *scalars_and_splits)
+    return torch.empty_like(q)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens_k: torch.Tensor,
+                     block_table: torch.Tensor | None, alibi: torch.Tensor | None, spec: AttnSpec,
+                     num_splits: int) -> torch.Tensor:
+    """Attention of q over seqlens_k[b] keys of a (paged) cache, bottom-right aligned; no gradient.
+
+    The custom op under torch.compile, export, modes and transforms; the eager route otherwise.
+    """
+    with torch.no_grad():
+        if _eager_route(q, k_cache, v_cache, seqlens_k, block_table, alibi):
+            return _attn_decode_impl(q, k_cache, v_cache, seqlens_k, block_table, alibi,
+                                     *to_op_scalars(spec, DENSE), num_splits)
+        return torch.ops.flashattn_py.attn_decode(q, k_cache, v_cache, seqlens_k, block_table, alibi,
+                                                  *to_op_scalars(spec, DENSE), num_splits)
+
+
+# --- the eager route: the same forward and backward without the dispatcher ---------------------------------------
+#
+# torch.library's eager dispatch costs 2-4x a tiny kernel's time on the host. Where nothing
+# can observe the difference (no tracing, no tensor subclass, no mode, no functorch transform),
+# `flash_attention` calls `_forward` directly, or through an autograd.Function when a gradient
+# is wanted. Everything else (torch.compile, torch.export, FakeTensorMode, opcheck, vmap, a
+# TorchDispatchMode) goes through the custom op, which computes the same thing.
+
+
+class _EagerAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bias, alibi, spec, seq):
+        o, lse, seed = _forward(q, k, v, bias, alibi, spec, seq)
+        ctx.save_for_backward(q, k, v, o, lse, bias, alibi, seed)
+        ctx.spec, ctx.seq = spec, seq
+        ctx.set_materialize_grads(False)  # as the custom op's autograd: an unused O or LSE has no gradient
+        return o, lse
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do, dlse):
+        q, k, v, o, lse, bias, alibi, seed = ctx.saved_tensors
+        need_dbias = bias is not None and ctx.needs_input_grad[3]
+        dq, dk, dv, dbias = _backward(do, q, k, v, o, lse, dlse, bias, alibi, seed, need_dbias, ctx.spec, ctx.seq)
+        return dq, dk, dv, dbias if need_dbias else None, None, None, None
+
+
+def _functorch_active() -> bool:
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+def _eager_route(*tensors: torch.Tensor | None) -> bool:
+    """Whether a call may skip the custom op: plain tensors, outside any tracing, mode or transform."""
+    if torch.compiler.is_compiling():  # first: dynamo sees a constant and traces nothing below
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled() or _functorch_active():
+        return False
+    return all(t is None or type(t) is torch.Tensor for t in tensors)
+
+
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None,
                     alibi: torch.Tensor | None, spec: AttnSpec, seq: SeqLayout = DENSE,
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Differentiable attention through the custom op.
+    """Differentiable attention: the custom op, or the same computation without the dispatcher (eager route).
 
     q, k, v are dense (B, H, S, D), or packed (total, H, D) when seq.mode is PACKED.
     Returns (O like q, LSE). The dropout seed in `spec` is ignored: each call draws its own.
     `bias` is None, a bool mask or a float bias of shape (B|1, H|1, Sq|1, Sk|1); a
     float bias that requires grad gets dBias of its own shape.
     """
+    if _eager_route(q, k, v, bias, alibi, seq.cu_seqlens_q, seq.cu_seqlens_k):
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                        or (bias is not None and bias.requires_grad)):
+            return _EagerAttention.apply(q, k, v, bias, alibi, spec, seq)
+        o, lse, _ = _forward(q, k, v, bias, alibi, spec, seq)
+        return o, lse
     o, lse, _ = torch.ops.flashattn_py.attn_fwd(q, k, v, bias, alibi, seq.cu_seqlens_q, seq.cu_seqlens_k,
                                                *to_op_scalars(spec, seq))
     return o, lse

@@ -30,6 +30,7 @@ from .tiles import (
     LOG2E,
     _band_range,
     _dropout_keep,
+    _dropout_seed,
     _load_row_stat,
     _load_rows,
     _program_ids,
@@ -171,7 +172,7 @@ def _attn_bwd_dkdv(
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     stride_alibib, stride_alibih,
     num_heads, kv_group, seqlen_q, seqlen_k, offset, window_left, window_right, num_row_blocks,
-    qk_scale, softcap_log2, sm_scale, dropout_p, seed,
+    qk_scale, softcap_log2, sm_scale, dropout_p, SEED,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, SEQ_MODE: tl.constexpr,
@@ -184,6 +185,7 @@ def _attn_bwd_dkdv(
     a fixed order: deterministic, no atomics. Grid: (key blocks, sequences * H_kv), flat on axis 0 with FLAT_GRID.
     """
     pid_n, pid_bhkv = _program_ids(num_row_blocks, FLAT_GRID)
+    seed = _dropout_seed(SEED, DROPOUT)
     num_kv_heads = num_heads // kv_group
     off_b = pid_bhkv // num_kv_heads
     off_hkv = pid_bhkv % num_kv_heads
@@ -290,7 +292,7 @@ def _attn_bwd_dq(
     stride_biasb, stride_biash, stride_biasm, stride_biasn,
     stride_alibib, stride_alibih,
     num_heads, kv_group, seqlen_q, seqlen_k, offset, window_left, window_right, num_row_blocks,
-    qk_scale, softcap_log2, sm_scale, dropout_p, seed,
+    qk_scale, softcap_log2, sm_scale, dropout_p, SEED,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, SEQ_MODE: tl.constexpr,
@@ -302,6 +304,7 @@ def _attn_bwd_dq(
     Grid: (query blocks, sequences * heads), flat on axis 0 with FLAT_GRID.
     """
     pid_m, pid_bh = _program_ids(num_row_blocks, FLAT_GRID)
+    seed = _dropout_seed(SEED, DROPOUT)
     off_b = pid_bh // num_heads
     off_h = pid_bh % num_heads
     q_start, k_start, sq, sk, off = _seq_bounds(CU_Q, CU_K, CU_K, off_b, seqlen_q, seqlen_k, offset, SEQ_MODE)
@@ -371,7 +374,7 @@ def _attn_bwd_dbias(
     stride_alibib, stride_alibih,
     batch, num_heads, kv_group, seqlen_q, seqlen_k, offset, window_left, window_right, num_row_blocks,
     num_col_blocks,
-    qk_scale, softcap_log2, dropout_p, seed,
+    qk_scale, softcap_log2, dropout_p, SEED,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     DROPOUT: tl.constexpr,
@@ -393,6 +396,7 @@ def _attn_bwd_dbias(
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_bh = tl.program_id(2)
+    seed = _dropout_seed(SEED, DROPOUT)
     out_heads = 1 if BCAST_H else num_heads
     out_b = pid_bh // out_heads
     out_h = pid_bh % out_heads

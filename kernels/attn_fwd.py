@@ -28,6 +28,7 @@ from .tiles import (
     RESCALE_THRESHOLD,
     _band_range,
     _dropout_keep,
+    _dropout_seed,
     _load_rows,
     _program_ids,
     _score_mods,
@@ -160,7 +161,7 @@ def _attn_fwd(
     stride_alibib, stride_alibih,
     stride_tableb, stride_tablep,
     num_heads, kv_group, seqlen_q, seqlen_k, offset, window_left, window_right,
-    qk_scale, softcap_log2, dropout_p, seed, page_size, split_len, num_row_blocks,
+    qk_scale, softcap_log2, dropout_p, SEED, page_size, split_len, num_row_blocks,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI_ON: tl.constexpr,
     BIAS_KIND: tl.constexpr, DROPOUT: tl.constexpr, SEQ_MODE: tl.constexpr, PAGED: tl.constexpr,
@@ -177,6 +178,7 @@ def _attn_fwd(
     LSE is that of the undropped P. Split s covers keys [s * split_len, (s + 1) * split_len).
     """
     pid_m, pid_bh = _program_ids(num_row_blocks, FLAT_GRID)
+    seed = _dropout_seed(SEED, DROPOUT)
     if FLAT_GRID:
         pid_s = tl.program_id(1)
     else:

@@ -220,6 +220,20 @@ def _score_mods(qk, row_idx, col_idx, qk_scale, softcap_log2, alibi_slope, bias_
 
 
 @triton.jit
+def _dropout_seed(SEED, DROPOUT: tl.constexpr):
+    """The call's Philox key, read from device memory; 0 without dropout.
+
+    A device tensor, not a launch argument: the host draws it with torch's generator on the
+    device (no host read), so a captured CUDA graph or a compiled step draws a fresh key on
+    every replay, and the backward reads the very key its forward used.
+    """
+    seed = 0
+    if DROPOUT:
+        seed = tl.load(SEED)
+    return seed
+
+
+@triton.jit
 def _dropout_keep(seed, bh, row_idx, col_idx, dropout_p):
     """Bernoulli(1 - dropout_p) keep mask for (batch*head, row, col), from Philox keyed by `seed`.
 

@@ -18,7 +18,11 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-from flashattn_py import ops  # noqa: E402  (after TRITON_INTERPRET is settled)
+from flashattn_py import _launch, ops  # noqa: E402  (after TRITON_INTERPRET is settled)
+
+# Every launch re-derives its plan and checks it against the cached one (`_launch.CHECK_PLANS`): a plan key that
+# misses something a launch depends on fails whichever test meets it, instead of a later call launching a stale plan.
+_launch.CHECK_PLANS = True
 
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 

@@ -97,8 +97,21 @@ def flat_grid_decode():
     flashattn_py.attention_with_kvcache(q, cache, cache, torch.full((1024,), 200, dtype=torch.int32))
 
 
+def unaligned_views():
+    """Views 8 bytes past a 16-byte boundary, in the (B, S, H, D) layout: the plan must key on alignment and
+    strides, or it would hand this call the kernel compiled for aligned, contiguous tensors."""
+    def view(t: torch.Tensor) -> torch.Tensor:
+        flat = torch.empty(t.numel() + 4, dtype=t.dtype)
+        flat[4:] = t.transpose(1, 2).reshape(-1)
+        return flat[4:].view(t.shape[0], t.shape[2], t.shape[1], t.shape[3]).transpose(1, 2).requires_grad_()
+    q, k, v = (view(t.detach()) for t in _qkv(2, 8, S, 64, torch.float16))
+    _fwd_bwd(flashattn_py.attention(q, k, v, causal=True))
+
+
 CASES: dict[str, Callable[[], None]] = {
     "fp16 D64 causal": dense(64, torch.float16, True),
+    "fp16 D64 causal, unaligned (B, S, H, D) views": unaligned_views,
+    "fp16 D64 causal, again (the cached plan)": dense(64, torch.float16, True),
     "fp16 D128": dense(128, torch.float16, False),
     "bf16 D128 causal": dense(128, torch.bfloat16, True),
     "fp16 D256 causal": dense(256, torch.float16, True),
@@ -124,6 +137,18 @@ def _resources(compiled) -> tuple[int | None, int | None]:
 
     usage = codegen_sass.resource_usage(compiled.asm["cubin"])
     return usage.get("REG"), usage.get("STACK", 0)
+
+
+def _plan_is_the_binders(where: str, r, gpu) -> list[str]:
+    """A planned launch skips Triton's binder: its positional arguments must follow the kernel's parameters, and
+    the kernel it holds must be the one the binder would specialize and pick for these very arguments."""
+    found = []
+    if tuple(r.order) != tuple(r.kernel.arg_names):
+        found.append(f"{where}: positional order differs from the kernel's parameters")
+    binder = _launch._compile(r.kernel, r.grid, r.args, r.config, gpu, True)  # Triton's cache: a lookup
+    if r.compiled is None or binder is None or binder.hash != r.compiled.hash:
+        found.append(f"{where}: the plan's compiled kernel is not the one Triton's binder picks for its arguments")
+    return found
 
 
 def check_target(name: str) -> tuple[list[dict], list[str]]:
@@ -152,6 +177,7 @@ def check_target(name: str) -> tuple[list[dict], list[str]]:
                     failures.append(f"{name} {label} {r.name}: {r.shared_bytes} B shared > {gpu.max_shared}")
                 if r.grid[0] > _targets.MAX_GRID_X or any(n > _targets.MAX_GRID_YZ for n in r.grid[1:]):
                     failures.append(f"{name} {label} {r.name}: grid {r.grid} past CUDA's limits")
+                failures += _plan_is_the_binders(f"{name} {label} {r.name}", r, gpu)
     return rows, failures
 
 

@@ -91,7 +91,28 @@ def test_cpu_suite_refuses_an_interpreted_process(tmp_path, capsys):
     assert "fresh process" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag, module", [("--codegen", "codegen"), ("--context-parallel", "context_parallel")])
+def test_host_overhead_reports_every_public_function(tmp_path):
+    """`--host-overhead` runs end to end (a subprocess: it times the PyTorch path, not the interpreter)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "benchmarks", "--host-overhead", "--repeats", "1", "--lengths", "16",
+           "--out", str(tmp_path)]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    data = json.loads((tmp_path / "host-overhead.json").read_text())
+    calls = {"attention causal", "attention bool mask", "attention dropout", "attention_varlen causal",
+             "scaled_dot_product_attention", "MultiheadAttention", "decode dense", "decode append",
+             "decode split-K 4", "decode paged"}
+    for path in ("gpu", "cpu_calls"):
+        assert {r["case"] for r in data[path]} == calls
+        for r in data[path]:
+            timed = [r[p] for p in ("fwd_us", "fwd_bwd_us") if r[p] is not None]
+            assert timed and all(t > 0 for t in timed), r
+    assert [e["S"] for e in data["cpu"]] == [16] and data["cpu"][0]["ratio_fwd"] > 0
+    assert "forward+backward" in (tmp_path / "host-overhead.md").read_text()
+
+
+@pytest.mark.parametrize("flag, module", [("--codegen", "codegen"), ("--context-parallel", "context_parallel"),
+                                          ("--host-overhead", "host_overhead")])
 def test_subcommands_are_imported_lazily(flag, module, monkeypatch):
     seen = {}
     fake = types.ModuleType(f"benchmarks.{module}")

@@ -114,3 +114,69 @@ def test_opcheck(case, device):
         bwd_args = (do, q.detach(), k.detach(), v.detach(), o.detach(), lse.detach(), dlse, None, None, None, None,
                     seed, False, *args[7:])
         torch.library.opcheck(torch.ops.flashattn_py.attn_bwd.default, bwd_args)
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_opcheck_decode(paged, device):
+    """flashattn_py::attn_decode, the KV-cache call's op: schema, fake and dispatch consistent."""
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 4, 1, 16, generator=gen).to(device)
+    shape = (6, 2, 4, 16) if paged else (2, 2, 12, 16)
+    k, v = (torch.randn(*shape, generator=gen).to(device) for _ in range(2))
+    table = torch.tensor([[5, 0, 3], [1, 4, 2]], dtype=torch.int32, device=device) if paged else None
+    seqlens = torch.tensor([7, 12], dtype=torch.int32, device=device)
+    scalars = (0.25, -1, 0, 0, 0.0, 0, 0.0, int(ops.SeqMode.DENSE), 0, 0)
+    torch.library.opcheck(torch.ops.flashattn_py.attn_decode.default, (q, k, v, seqlens, table, None, *scalars, 2))
+
+
+def test_eager_route_is_the_custom_op(monkeypatch, device):
+    """Plain eager calls skip the dispatcher; outputs and gradients are bit for bit the custom op's."""
+
+    def run():
+        torch.manual_seed(0)
+        q, k, v, mask = (t.detach().requires_grad_() for t in _inputs(13, device, seed=4))
+        out, lse = flashattn_py.attention(q, k, v, causal=True, attn_mask=mask, return_lse=True)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(device)
+        grads = torch.autograd.grad((out * weights).sum() + lse.sum(), (q, k, v, mask))
+        dropped = flashattn_py.scaled_dot_product_attention(q, k, v, dropout_p=0.3, enable_gqa=True)
+        return out, lse, dropped, *grads
+
+    routes = []
+    real_route = ops._eager_route
+    monkeypatch.setattr(ops, "_eager_route", lambda *t: routes.append(real_route(*t)) or routes[-1])
+    eager = run()
+    assert routes and all(routes)
+    monkeypatch.setattr(ops, "_eager_route", lambda *t: False)
+    via_op = run()
+    for a, b in zip(eager, via_op, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_custom_op_taken_where_it_is_observed():
+    """A dispatch mode, FakeTensorMode or a functorch transform sees the custom op, not the eager route."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    q = torch.randn(1, 2, 8, 16)
+    with Seen() as seen:
+        flashattn_py.attention(q, q, q, causal=True)
+    assert "flashattn_py.attn_fwd.default" in seen.ops
+    with Seen():
+        assert not ops._eager_route(q, q, q)
+    assert ops._eager_route(q, q, q, None)
+    with FakeTensorMode():
+        fake = torch.randn(1, 2, 8, 16)
+        assert not ops._eager_route(fake, fake, fake)
+        assert flashattn_py.attention(fake, fake, fake).shape == fake.shape
+    routes = []
+    batched = torch.func.vmap(lambda x: (routes.append(ops._eager_route(x)), x)[1])(torch.randn(3, 2))
+    assert routes == [False] and batched.shape == (3, 2)

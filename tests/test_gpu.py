@@ -232,6 +232,7 @@ def test_masked_and_unmasked_calls_in_one_process(order, monkeypatch, triton_ran
     from flashattn_py import _launch
 
     monkeypatch.setattr(_launch, "_chosen_config", {})  # as in a fresh process
+    monkeypatch.setattr(_launch, "_plans", {})
     q, k, v, do = make_qkv(2, 8, 1024, 1024, 128, torch.float16, torch.device("cuda"), seed=11)
     gen = torch.Generator().manual_seed(12)
     mask = torch.randn(2, 1, 1, 1024, generator=gen).to(device="cuda", dtype=torch.float16).requires_grad_()
@@ -281,3 +282,65 @@ def test_non_default_stream_matches_default_stream(triton_ran):
     for g1, g0 in zip(grads1, grads0, strict=True):
         assert torch.equal(g1, g0)
     triton_ran("attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq")
+
+
+@pytest.mark.parametrize("paged", [False, True])
+def test_decode_steps_captured_in_a_cuda_graph(paged):
+    """16 decode steps (append + split-K attention) captured once, replayed: the eager steps' outputs and caches."""
+    from flashattn_py import attention_with_kvcache
+
+    B, H, H_kv, D, steps, page = 3, 8, 2, 64, 16, 16
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    lengths = torch.tensor([5, 40, 17], dtype=torch.int32, device="cuda")
+    qs = torch.randn(steps, B, H, 1, D, device="cuda", dtype=torch.float16, generator=gen)
+    ks = torch.randn(steps, B, H_kv, 1, D, device="cuda", dtype=torch.float16, generator=gen)
+    vs = torch.randn_like(ks)
+    shape = (B * 8, H_kv, page, D) if paged else (B, H_kv, 8 * page, D)
+    k0 = torch.randn(shape, device="cuda", dtype=torch.float16, generator=gen)
+    v0 = torch.randn_like(k0)
+    table = torch.arange(B * 8, dtype=torch.int32, device="cuda").flip(0).view(B, 8) if paged else None
+
+    def run(k_cache, v_cache, seqlens, overflow, outs):
+        for t in range(steps):
+            outs[t].copy_(attention_with_kvcache(qs[t], k_cache, v_cache, seqlens, k_new=ks[t], v_new=vs[t],
+                                                 block_table=table, num_splits=4, overflow=overflow))
+            seqlens.add_(1)
+
+    eager = [torch.empty_like(qs[0]) for _ in range(steps)]
+    k_e, v_e, n_e, f_e = k0.clone(), v0.clone(), lengths.clone(), torch.zeros(B, dtype=torch.bool, device="cuda")
+    run(k_e, v_e, n_e, f_e, eager)
+    k_g, v_g, n_g, f_g = k0.clone(), v0.clone(), lengths.clone(), torch.zeros(B, dtype=torch.bool, device="cuda")
+    graphed = [torch.empty_like(qs[0]) for _ in range(steps)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compile and plan outside the capture
+        run(k0.clone(), v0.clone(), lengths.clone(), torch.zeros(B, dtype=torch.bool, device="cuda"),
+            [torch.empty_like(qs[0]) for _ in range(steps)])
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run(k_g, v_g, n_g, f_g, graphed)
+    k_g.copy_(k0), v_g.copy_(v0), n_g.copy_(lengths), f_g.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    for t in range(steps):
+        torch.testing.assert_close(graphed[t], eager[t], atol=0, rtol=0)
+    assert torch.equal(k_g, k_e) and torch.equal(v_g, v_e) and torch.equal(n_g, n_e) and not f_g.any()
+
+
+def test_dropout_masks_differ_between_cuda_graph_replays():
+    """The dropout seed is drawn on the device: each replay of a captured step draws a fresh mask."""
+    q, k, v, _ = make_qkv(1, 2, 128, 128, 64, torch.float16, torch.device("cuda"))
+    out = torch.empty_like(q)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        attention(q, k, v, dropout_p=0.5)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(attention(q, k, v, dropout_p=0.5))
+    graph.replay()
+    first = out.clone()
+    graph.replay()
+    assert not torch.equal(first, out)

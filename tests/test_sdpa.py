@@ -160,6 +160,28 @@ def test_dropout_differs_between_calls_and_follows_manual_seed(device):
     assert torch.equal(c, d)
 
 
+def test_dropout_compiled_step_draws_per_run_and_keeps_its_mask_for_backward(device):
+    """A compiled training step draws its key on the device per run: runs differ, torch.manual_seed reproduces
+    the eager step (output and gradients), and the backward uses the forward's own mask."""
+    gen = torch.Generator().manual_seed(31)
+    q, k, v = (torch.randn(1, 2, 24, 16, generator=gen).to(device).requires_grad_() for _ in range(3))
+
+    def step(q, k, v):
+        out = flashattn_py.scaled_dot_product_attention(q, k, v, dropout_p=0.5)
+        return out, torch.autograd.grad(out.square().sum(), (q, k, v))
+
+    compiled = torch.compile(step, backend="aot_eager")
+    first, second = compiled(q, k, v), compiled(q, k, v)
+    assert not torch.equal(first[0], second[0])
+    torch.manual_seed(8)
+    got = compiled(q, k, v)
+    torch.manual_seed(8)
+    expected = step(q, k, v)
+    assert torch.equal(got[0], expected[0])
+    for a, b in zip(got[1], expected[1], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["bool", "float"])
 def test_torch_backend_masks_gqa(kind, monkeypatch):
     """The PyTorch path handles masks, mask gradients and GQA the same way."""

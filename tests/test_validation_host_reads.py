@@ -234,7 +234,7 @@ def test_kvcache_fake_seqlens_are_not_read(paged):
         new = torch.randn(2, 2, 2, 16, device="cuda")
         table = torch.zeros(2, 3, dtype=torch.int32, device="cuda") if paged else None
         capacity = 3 * 10 if paged else 10
-        assert check_kvcache(*_kv_args(q, kc, vc, seqlens, new, new.clone(), table)) == (capacity, 2)
+        assert check_kvcache(*_kv_args(q, kc, vc, seqlens, new, new.clone(), table)) == (capacity, 2, False)
         with pytest.raises(InputError, match="int32 tensor of shape"):
             check_kvcache(*_kv_args(q, kc, vc, seqlens.long()))
 

@@ -330,12 +330,19 @@ def test_shared_memory_limit_from_tritons_driver(monkeypatch):
 
 
 def test_dropout_on_fake_tensors():
-    """Dropout's seed is drawn from torch's CPU generator outside the fake mode; the backward does not read it
-    from a fake tensor."""
+    """Dropout's Philox key is drawn on q's device and handed to every kernel as a tensor, never read on the host
+    (a CUDA graph replays the draw, so each replay gets a fresh mask); the backward takes the forward's key."""
     with FakeTensorMode(allow_non_fake_inputs=False), virtual_gpu("sm_90") as records:
+        # fake CPU tensors (the virtual GPU's): autograd over fake CUDA tensors needs a CUDA build of torch
         q, k, v = (_rand(2, 8, 200, 64, device="cpu", requires_grad=True) for _ in range(3))
         flashattn_py.scaled_dot_product_attention(q, k, v, dropout_p=0.1).sum().backward()
-    assert all(r.args["DROPOUT"] for r in records if r.name != "attn_bwd_preprocess")
+    passes = [r for r in records if r.name != "attn_bwd_preprocess"]
+    assert {r.name for r in passes} == {"attn_fwd", "attn_bwd_dkdv", "attn_bwd_dq"}
+    assert all(r.args["DROPOUT"] for r in passes)
+    seeds = [r.args["SEED"] for r in passes]
+    assert all(isinstance(s, torch.Tensor) and s.device == q.device and s.dtype == torch.int64
+               and tuple(s.shape) == (1,) for s in seeds), seeds
+    assert all(s is seeds[0] for s in seeds)  # one key: the backward recomputes the forward's mask
 
 
 def _every_pass(device):
