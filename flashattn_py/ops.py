@@ -148,8 +148,8 @@ def _fresh(t: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(q, k, v, bias, alibi, spec: AttnSpec, seq: SeqLayout):
-    """(O in q's layout, LSE, the call's seed): what both routes (`flash_attention`) compute."""
-    seed = new_seed(q, spec.dropout_p)
+    """(O in q's layout, LSE, the call's seed or None without dropout): what both routes compute."""
+    seed = new_seed(q, spec.dropout_p) if spec.dropout_p > 0 else None
     mode = seq.mode
     o, lse = attn_fwd(_as_kernel_layout(q, mode), _as_kernel_layout(k, mode), _as_kernel_layout(v, mode), bias,
                       alibi, spec, seq, seed=seed)
@@ -167,7 +167,8 @@ def _backward(do, q, k, v, o, lse, dlse, bias, alibi, seed, need_dbias: bool, sp
 
 def _attn_fwd_impl(q, k, v, bias, alibi, cu_seqlens_q, cu_seqlens_k, *scalars):
     spec, seq = from_op_scalars(scalars, cu_seqlens_q, cu_seqlens_k)
-    return _forward(q, k, v, bias, alibi, spec, seq)
+    o, lse, seed = _forward(q, k, v, bias, alibi, spec, seq)
+    return o, lse, new_seed(q, 0.0) if seed is None else seed  # the op returns a tensor: (0,) without dropout
 
 
 _attn_fwd_op = torch.library.custom_op("flashattn_py::attn_fwd", mutates_args=(), schema=_FWD_SCHEMA)(_attn_fwd_impl)
