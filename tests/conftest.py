@@ -10,9 +10,26 @@ as it is for any user of the interpreter; nothing here patches Triton.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+
+def _checkout_root_last() -> None:
+    """Move the checkout root (``python -m pytest`` puts it first on sys.path) behind site-packages.
+
+    Its ``kernels/`` directory is installed as ``flashattn_py.kernels``; first on the path it would also be a
+    top-level ``kernels`` and shadow the Hugging Face ``kernels`` package, which transformers imports when it is
+    installed (``cannot import name 'CUDAProperties' from 'kernels'``). ``benchmarks`` is still found there.
+    """
+    root = Path(__file__).resolve().parent.parent
+    mine = [p for p in sys.path if Path(p or ".").resolve() == root]
+    sys.path[:] = [p for p in sys.path if p not in mine] + [str(root)] * bool(mine)
+
+
+_checkout_root_last()
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
