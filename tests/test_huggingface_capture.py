@@ -9,7 +9,6 @@ still get the band as flags plus a ``(B, 1, 1, S)`` key-padding row.
 
 from __future__ import annotations
 
-import copy
 import sys
 
 import pytest
@@ -17,6 +16,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 masking_utils = pytest.importorskip("transformers.masking_utils")
+
+from test_huggingface import _pair as _model_pair  # noqa: E402
 
 import flashattn_py.integrations.huggingface as fa_hf  # noqa: E402
 
@@ -89,11 +90,8 @@ def kernel_calls(monkeypatch):
 
 
 def _pair(config):
-    impl = fa_hf.register()
-    torch.manual_seed(0)
-    eager = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="eager")
-    ours = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation=impl)
-    ours.load_state_dict(eager.state_dict())
+    """test_huggingface's eager / fa_py model pair (same weights), in eval mode."""
+    eager, ours = _model_pair(config)
     return eager.eval(), ours.eval()
 
 
